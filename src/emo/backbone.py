@@ -1,0 +1,195 @@
+"""ResNet backbones: construction, weight loading and a forward pass that yields every stage.
+
+Weights are given as a spec string: ``imagenet`` (torchvision's ImageNet-1k weights, through
+torchvision's weights API and its cache), ``random`` (seeded initialisation, for tests and smoke
+runs) or the path of a state dict file.
+"""
+
+import hashlib
+import logging
+import os
+import socket
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from emo.errors import WeightsError
+from emo.stages import STAGE_NAMES, stage_infos, validate_arch
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# IMAGENET1K_V1 are the original ResNet weights, the ones available to the 2018 paper.
+IMAGENET_WEIGHTS_NAME = "IMAGENET1K_V1"
+DOWNLOAD_TIMEOUT_S = 15
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    """Where a backbone's weights came from and the SHA-256 digest of its state dict."""
+
+    spec: str
+    source: str
+    sha256: str
+
+
+def build_resnet(arch: str, weights: str, *, seed: int = 0) -> tuple[nn.Module, LoadedWeights]:
+    """Build a torchvision ResNet and load the weights named by ``weights``.
+
+    Args:
+        arch: a torchvision ResNet name, e.g. ``"resnet101"``.
+        weights: ``"imagenet"``, ``"random"`` or the path of a state dict.
+        seed: seed of the initialisation when ``weights`` is ``"random"``.
+
+    Returns:
+        The model in eval mode on the CPU, and a record of the weights.
+
+    Example:
+        >>> model, record = build_resnet("resnet18", "random", seed=0)
+        >>> record.spec
+        'random'
+    """
+    validate_arch(arch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = torchvision.models.get_model(arch, weights=None)
+    source = f"random initialisation, seed {seed}"
+
+    if weights == "imagenet":
+        state_dict, source = _load_imagenet_state_dict(arch)
+        model.load_state_dict(state_dict, strict=True)
+    elif weights != "random":
+        _load_state_dict_file(model, Path(weights))
+        source = str(Path(weights).resolve())
+
+    model.eval()
+    return model, LoadedWeights(spec=weights, source=source, sha256=state_dict_sha256(model))
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """Return a SHA-256 digest over the names and bytes of ``model``'s state dict."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _imagenet_weights_enum(arch: str):
+    return torchvision.models.get_model_weights(arch)[IMAGENET_WEIGHTS_NAME]
+
+
+def _load_imagenet_state_dict(arch: str) -> tuple[dict, str]:
+    """Load ImageNet weights from torchvision's cache, downloading them only if reachable."""
+    enum = _imagenet_weights_enum(arch)
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    file = folder / os.path.basename(enum.url)
+    if not file.is_file():
+        _download_or_fail(enum, file)
+    return torch.load(file, map_location="cpu", weights_only=True), str(file)
+
+
+def _download_or_fail(enum, file: Path) -> None:
+    # A short socket timeout turns a machine without network into a quick, clear error.
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        torch.hub.load_state_dict_from_url(enum.url, progress=False, check_hash=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as error:
+        raise WeightsError(
+            f"ImageNet weights file {file.name} is not in {file.parent} and could not be "
+            f"downloaded from {enum.url} ({error}). Copy the file into that folder, "
+            "or pass --weights PATH for a local state dict, or --weights random for a smoke run."
+        ) from error
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _load_state_dict_file(model: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise WeightsError(
+            f"weights {str(path)!r} is neither 'imagenet', 'random' nor an existing file; "
+            "pass a state dict path, --weights imagenet or --weights random"
+        )
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError or EOFError here.
+        raise WeightsError(f"cannot load weights from {path}: {error}") from error
+    state_dict = strip_module_prefix(_unwrap_state_dict(state_dict, path))
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        raise WeightsError(f"weights in {path} do not fit this architecture: {error}") from error
+
+
+def _unwrap_state_dict(obj, path: Path) -> dict:
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path} does not contain a state dict (a mapping of names to tensors)")
+    return obj
+
+
+def strip_module_prefix(state_dict: dict) -> dict:
+    """Remove the ``module.`` prefix that ``nn.DataParallel`` and DDP add to every key."""
+    if state_dict and all(key.startswith("module.") for key in state_dict):
+        return {key[len("module."):]: value for key, value in state_dict.items()}
+    return state_dict
+
+
+class StageFeatures(nn.Module):
+    """A ResNet split into its five stages; ``forward`` returns each stage's pooled output.
+
+    Example:
+        >>> model, _ = build_resnet("resnet18", "random")
+        >>> pooled = StageFeatures(model)(torch.zeros(2, 3, 64, 64))
+        >>> pooled["L4"].shape
+        torch.Size([2, 512])
+    """
+
+    def __init__(self, resnet: nn.Module, stages: tuple[str, ...] = STAGE_NAMES):
+        super().__init__()
+        self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
+        self.layers = nn.ModuleList([resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4])
+        self.stages = stages
+        # Layers after the deepest requested stage are never run.
+        self.depth = max(STAGE_NAMES.index(name) for name in stages)
+
+    def forward_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return the feature maps [B, C, H, W] of the requested stages."""
+        maps = {}
+        x = self.stem(images)
+        if "L0" in self.stages:
+            maps["L0"] = x
+        for index, layer in enumerate(self.layers[: self.depth], start=1):
+            x = layer(x)
+            if f"L{index}" in self.stages:
+                maps[f"L{index}"] = x
+        return maps
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return the global-average-pooled outputs [B, C] of the requested stages."""
+        return {name: fmap.mean(dim=(2, 3)) for name, fmap in self.forward_maps(images).items()}
+
+
+def stage_channels(arch: str) -> dict[str, int]:
+    """Return the channel count of each stage of ``arch``."""
+    return {info.name: info.channels for info in stage_infos(arch)}
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` into a device, checking that it exists."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"invalid device {name!r}; use auto, cpu, cuda or cuda:N") from error

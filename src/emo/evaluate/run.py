@@ -1,0 +1,61 @@
+"""``emo evaluate``: recompute a run's metrics on a split and rewrite its metric files."""
+
+from pathlib import Path
+
+import torch
+
+from emo import runs
+from emo.cache.reader import FeatureCache
+from emo.errors import RunError
+from emo.evaluate.files import write_metrics
+from emo.heads.outputs import load_head_model
+from emo.heads.train import evaluate_heads, load_split
+
+
+def evaluate_run(run_dir: Path, *, cache: Path | None = None, split: str = "test", device: str = "auto") -> dict:
+    """Recompute the metrics of every model in a run on one split and write them into the run.
+
+    Test metrics go to ``metrics.json`` and ``confusion_matrix.png``; other splits get a suffix
+    (``metrics-val.json``), so re-evaluating on val never replaces the test numbers.
+
+    Args:
+        run_dir: a finished run directory.
+        cache: for head runs, a feature cache to use instead of the one the run was trained on;
+            its classes must match the run's.
+        split: ``test``, ``val`` or ``train``.
+        device: where fine-tuned models run (``auto``, ``cpu``, ``cuda``).
+
+    Returns:
+        The metrics, in the layout of ``metrics.json``.
+
+    Example:
+        >>> evaluate_run(Path("runs/heads"), split="val")["models"]["stacked"]["accuracy"]  # doctest: +SKIP
+        0.61
+    """
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split {split!r} is not one of train, val, test")
+    settings = runs.read_run_config(run_dir)
+    evaluators = {"heads": _evaluate_head_run, "finetune": _evaluate_finetune_run}
+    if settings.get("kind") not in evaluators:
+        raise RunError(f"run {run_dir} has unknown kind {settings.get('kind')!r}")
+    metrics = evaluators[settings["kind"]](Path(run_dir), settings, cache=cache, split=split, device=device)
+    write_metrics(Path(run_dir), metrics, split=split, title=settings.get("name", Path(run_dir).name))
+    return {"split": split, **metrics}
+
+
+def _evaluate_head_run(run_dir: Path, settings: dict, *, cache: Path | None, split: str, device: str) -> dict:
+    cache_path = Path(cache) if cache is not None else Path(settings["config"]["cache"])
+    model = load_head_model(run_dir, settings)
+    with FeatureCache(cache_path) as features:
+        features.require_classes(settings["classes"])
+        data = load_split(features, split, tuple(settings["channels"]))
+    if len(data.labels) == 0:
+        raise RunError(f"cache {cache_path} has no rows in the {split} split")
+    with torch.no_grad():
+        return evaluate_heads(model, data, settings["classes"])
+
+
+def _evaluate_finetune_run(run_dir: Path, settings: dict, *, cache: Path | None, split: str, device: str) -> dict:
+    from emo.finetune.evaluate import evaluate_finetune_run
+
+    return evaluate_finetune_run(run_dir, settings, split=split, device=device)

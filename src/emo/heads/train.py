@@ -1,0 +1,217 @@
+"""``emo fit-heads``: train branch heads on cached features, then their weighted stacking.
+
+Phase 1 trains every branch at once on the same sampled mini-batches; the branches share no
+parameters, so summing their losses gives each branch exactly the gradient it would get alone.
+Each branch keeps its best epoch on val. Phase 2 learns the stacking weights while fine-tuning
+the branches, the cached-feature form of the two-step ResNet-ensemble of Najid & Chahyati
+(EECSI 2018), again keeping the best epoch on val.
+"""
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from emo.cache.reader import FeatureCache
+from emo.data.sampling import make_sampler
+from emo.errors import CacheError
+from emo.evaluate.metrics import compute_metrics
+from emo.heads.config import FitHeadsConfig
+from emo.heads.model import StackedHeads
+from emo.heads.outputs import write_head_run
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitData:
+    """Features {stage: [N, C]} and labels [N] of one split, as float32 / int64 tensors."""
+
+    features: dict[str, torch.Tensor]
+    labels: torch.Tensor
+
+    def batch(self, index: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Return the rows ``index`` of every stage and their labels."""
+        return {name: values[index] for name, values in self.features.items()}, self.labels[index]
+
+
+def load_split(cache: FeatureCache, split: str, stages: tuple[str, ...]) -> SplitData:
+    """Read the features of ``stages`` and the labels of one split into tensors."""
+    features = {name: torch.from_numpy(cache.features(name, split)) for name in stages}
+    return SplitData(features, torch.from_numpy(cache.labels(split)).long())
+
+
+def fit_heads(config: FitHeadsConfig) -> dict:
+    """Train one branch head per stage and their stacking from a feature cache, and write a run.
+
+    Args:
+        config: the resolved options of ``emo fit-heads``.
+
+    Returns:
+        The content of the run's ``metrics.json`` (test metrics of the stacked model and of
+        every branch).
+
+    Example:
+        >>> fit_heads(FitHeadsConfig(cache=Path("e6.h5"), out=Path("runs/heads")))  # doctest: +SKIP
+    """
+    start = time.perf_counter()
+    with FeatureCache(config.cache) as cache:
+        _check_stages(cache, config.stages)
+        splits = {name: load_split(cache, name, config.stages) for name in ("train", "val", "test")}
+        classes, backbone = cache.classes, cache.backbone_record()
+        channels = {name: cache.stages[name] for name in config.stages}
+    _check_training_labels(splits["train"].labels, classes, config.cache)
+
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    model = StackedHeads(channels, len(classes), dropout=config.dropout)
+    for name, head in model.branches.items():
+        head.set_standardization(splits["train"].features[name])
+
+    history = train_branches(model, splits, config, generator)
+    if len(config.stages) > 1 and config.stack_epochs > 0:
+        history += train_stacking(model, splits, config, generator)
+
+    metrics = evaluate_heads(model, splits["test"], classes)
+    metrics["seconds"] = time.perf_counter() - start
+    write_head_run(config, model=model, classes=classes, backbone=backbone, metrics=metrics, history=history)
+    return metrics
+
+
+def _check_stages(cache: FeatureCache, stages: tuple[str, ...]) -> None:
+    missing = [name for name in stages if name not in cache.stages]
+    if missing:
+        raise CacheError(f"cache {cache.path} has no stage {missing[0]}; it has {', '.join(cache.stages)}")
+
+
+def _check_training_labels(labels: torch.Tensor, classes: list[str], path: Path) -> None:
+    counts = np.bincount(labels.numpy(), minlength=len(classes))
+    empty = [classes[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise CacheError(f"class {empty[0]!r} has no training rows in {path}; weighted sampling and "
+                         "the heads need every class in the train split")
+
+
+def epoch_batches(labels: torch.Tensor, config: FitHeadsConfig, generator: torch.Generator) -> list[torch.Tensor]:
+    """Return the row indices of each mini-batch of one training epoch."""
+    order = torch.tensor(list(make_sampler(labels.numpy(), config.sampling, generator)))
+    return list(order.split(config.batch_size))
+
+
+def _sgd(parameters, config: FitHeadsConfig) -> torch.optim.SGD:
+    return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, nesterov=True,
+                           weight_decay=config.weight_decay)
+
+
+def train_branches(model: StackedHeads, splits: dict[str, SplitData], config: FitHeadsConfig,
+                   generator: torch.Generator) -> list[dict]:
+    """Train all branches jointly for ``config.epochs``; leave each at its best val epoch."""
+    optimizer = _sgd(model.branches.parameters(), config)
+    best = {name: (-1.0, float("inf"), None) for name in model.stages}  # (val acc, val loss, state)
+    history = []
+
+    for epoch in tqdm(range(1, config.epochs + 1), desc="branches", unit="epoch", leave=False):
+        started = time.perf_counter()
+        loss = _train_epoch(model, splits["train"], config, generator, optimizer, stacked=False)
+        scores = _branch_scores(model, splits["val"])
+        for name, (accuracy, val_loss) in scores.items():
+            if (accuracy, -val_loss) > (best[name][0], -best[name][1]):
+                best[name] = (accuracy, val_loss, copy.deepcopy(model.branches[name].state_dict()))
+        history.append({"phase": "branches", "epoch": epoch, "loss": loss,
+                        "val_accuracy": {name: s[0] for name, s in scores.items()},
+                        "seconds": time.perf_counter() - started})
+
+    for name, (_, _, state) in best.items():
+        model.branches[name].load_state_dict(state)
+    logger.info("branches: best val accuracy %s", {name: round(b[0], 4) for name, b in best.items()})
+    return history
+
+
+def train_stacking(model: StackedHeads, splits: dict[str, SplitData], config: FitHeadsConfig,
+                   generator: torch.Generator) -> list[dict]:
+    """Learn the stacking weights while fine-tuning the branches; keep the best val epoch."""
+    optimizer = _sgd(model.parameters(), config)
+    best_score = _stacked_score(model, splits["val"])  # epoch 0: the plain mean of the best branches
+    best_state = copy.deepcopy(model.state_dict())
+    history = []
+
+    for epoch in tqdm(range(1, config.stack_epochs + 1), desc="stacking", unit="epoch", leave=False):
+        started = time.perf_counter()
+        loss = _train_epoch(model, splits["train"], config, generator, optimizer, stacked=True)
+        score = _stacked_score(model, splits["val"])
+        if (score[0], -score[1]) > (best_score[0], -best_score[1]):
+            best_score, best_state = score, copy.deepcopy(model.state_dict())
+        history.append({"phase": "stacking", "epoch": epoch, "loss": loss, "val_accuracy": score[0],
+                        "stack_weights": model.stack_weights().tolist(), "seconds": time.perf_counter() - started})
+
+    model.load_state_dict(best_state)
+    logger.info("stacking: best val accuracy %.4f, weights %s", best_score[0],
+                {name: round(w, 3) for name, w in zip(model.stages, model.stack_weights().tolist())})
+    return history
+
+
+def _train_epoch(model: StackedHeads, train: SplitData, config: FitHeadsConfig, generator: torch.Generator,
+                 optimizer: torch.optim.Optimizer, *, stacked: bool) -> float:
+    model.train()
+    total, count = 0.0, 0
+    for index in epoch_batches(train.labels, config, generator):
+        features, labels = train.batch(index)
+        logits = model.branch_logits(features)  # {stage: [B, K]}
+        loss = _stacked_loss(model, logits, labels) if stacked else _branches_loss(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(index)
+        count += len(index)
+    return total / count
+
+
+def _branches_loss(logits: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    return sum(F.cross_entropy(values, labels) for values in logits.values())
+
+
+def _stacked_loss(model: StackedHeads, logits: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    probabilities = model.stack(logits)
+    return F.nll_loss(torch.log(probabilities.clamp_min(1e-12)), labels)
+
+
+@torch.no_grad()
+def _branch_scores(model: StackedHeads, split: SplitData) -> dict[str, tuple[float, float]]:
+    model.eval()
+    logits = model.branch_logits(split.features)
+    return {name: ((values.argmax(1) == split.labels).float().mean().item(),
+                   F.cross_entropy(values, split.labels).item()) for name, values in logits.items()}
+
+
+@torch.no_grad()
+def _stacked_score(model: StackedHeads, split: SplitData) -> tuple[float, float]:
+    model.eval()
+    logits = model.branch_logits(split.features)
+    probabilities = model.stack(logits)
+    accuracy = (probabilities.argmax(1) == split.labels).float().mean().item()
+    return accuracy, _stacked_loss(model, logits, split.labels).item()
+
+
+@torch.no_grad()
+def head_probabilities(model: StackedHeads, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Return class probabilities [N, K] of the stacked model (when it has several branches) and of each branch."""
+    model.eval()
+    logits = model.branch_logits(features)
+    outputs = {"stacked": model.stack(logits)} if len(logits) > 1 else {}
+    outputs.update({name: torch.softmax(values, dim=1) for name, values in logits.items()})
+    return outputs
+
+
+def evaluate_heads(model: StackedHeads, split: SplitData, classes: list[str]) -> dict:
+    """Return metrics of every model of the run on one split, in the layout of ``metrics.json``."""
+    outputs = head_probabilities(model, split.features)
+    labels = split.labels.numpy()
+    models = {name: compute_metrics(labels, probs.argmax(1).numpy(), classes) for name, probs in outputs.items()}
+    return {"primary": next(iter(models)), "models": models,
+            "stack_weights": dict(zip(model.stages, model.stack_weights().tolist()))}

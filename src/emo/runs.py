@@ -1,0 +1,93 @@
+"""Run directories: the files every training command writes and every reader checks.
+
+Layout:
+    config.json             kind ("heads" or "finetune"), resolved config, backbone record
+    classes.json            class names in index order
+    model.pt                state dict of the trained model (loadable with weights_only=True)
+    metrics.json            test metrics of every model in the run (see emo.evaluate.metrics)
+    confusion_matrix.png    confusion matrix of the run's primary model on test
+    history.jsonl           one JSON object per epoch
+    INCOMPLETE              present while the run is being written; readers reject such runs
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from emo.errors import RunError
+
+INCOMPLETE_MARKER = "INCOMPLETE"
+
+
+def write_json_atomically(path: Path, value) -> None:
+    """Write ``value`` as indented JSON through a temporary file and a rename."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def save_state_dict_atomically(path: Path, state_dict: dict) -> None:
+    """Save a state dict through a temporary file and a rename, so a crash never leaves half a file."""
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(state_dict, temporary)
+    os.replace(temporary, path)
+
+
+def start_run(run_dir: Path, *, overwrite: bool = False) -> Path:
+    """Create ``run_dir`` (or reuse it with ``overwrite``) and mark it incomplete."""
+    run_dir = Path(run_dir)
+    if (run_dir / "metrics.json").exists() and not overwrite:
+        raise RunError(f"run directory {run_dir} already holds a finished run; pass --overwrite or choose another --out")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / INCOMPLETE_MARKER).write_text("this run has not finished writing\n")
+    except OSError as error:
+        raise RunError(f"cannot write run directory {run_dir}: {error}") from error
+    return run_dir
+
+
+def finish_run(run_dir: Path) -> None:
+    """Remove the incomplete marker once every file of the run is in place."""
+    (Path(run_dir) / INCOMPLETE_MARKER).unlink(missing_ok=True)
+
+
+def read_run_config(run_dir: Path) -> dict:
+    """Return the config.json of a finished run, or raise RunError naming what is wrong."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"run directory {run_dir} not found")
+    if (run_dir / INCOMPLETE_MARKER).exists():
+        raise RunError(f"run {run_dir} is incomplete (it was interrupted or is still running); rerun it")
+    for name in ("config.json", "classes.json", "model.pt"):
+        if not (run_dir / name).is_file():
+            raise RunError(f"run {run_dir} has no {name}; it is not an emo-vision run directory")
+    try:
+        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise RunError(f"{run_dir / 'config.json'} is not valid JSON: {error}") from error
+    config["classes"] = read_classes(run_dir)
+    return config
+
+
+def read_classes(run_dir: Path) -> list[str]:
+    """Return the class names of a run in index order."""
+    classes = json.loads((Path(run_dir) / "classes.json").read_text(encoding="utf-8"))
+    if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
+        raise RunError(f"{run_dir}/classes.json is not a list of class names")
+    return classes
+
+
+def load_state_dict(path: Path) -> dict:
+    """Load a state dict saved by a run, refusing anything but tensors and plain data."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError for code payloads, RuntimeError/EOFError for damage.
+        raise RunError(f"cannot load {path} safely as a state dict: {error}") from error
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one JSON object as a line to ``path``."""
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(json.dumps(record) + "\n")
