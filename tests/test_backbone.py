@@ -96,7 +96,8 @@ def test_imagenet_missing_offline_names_file_and_folder(tmp_path, monkeypatch):
     message = str(info.value)
     assert "resnet101-63fe2227.pth" in message
     assert str(Path(tmp_path) / "checkpoints") in message
-    assert "--weights PATH" in message and "--weights random" in message
+    assert "--weights PATH" in message
+    assert "--weights random" in message
 
 
 def test_imagenet_download_timeout_is_short():

@@ -19,7 +19,8 @@ def test_scan_finds_all_photos():
 
 def test_dominant_labels_include_neutral():
     _, samples, bad = find_samples(EMOTION6, labels_csv=EMOTION6 / "labels.csv", label_column="dominant_label")
-    assert len(samples) == 1212 and bad == []
+    assert len(samples) == 1212
+    assert bad == []
     assert "neutral" in {s.label for s in samples}
 
 

@@ -124,4 +124,5 @@ def test_predict_rejects_other_backbone_weights(head_run, image_folder, tmp_path
 
 def test_confusion_png_is_a_real_figure(head_run):
     with Image.open(head_run / "confusion_matrix.png") as image:
-        assert image.size[0] >= 300 and image.size[1] >= 300
+        assert image.size[0] >= 300
+        assert image.size[1] >= 300

@@ -83,7 +83,7 @@ def test_single_stage_has_no_stacked_model(separable_cache, tmp_path):
 
 
 def test_finished_run_needs_overwrite(head_run, tiny_cache):
-    with pytest.raises(RunError, match="already holds a finished run; pass --overwrite"):
+    with pytest.raises(RunError, match="already contains a finished run; pass --overwrite"):
         fit_heads(FitHeadsConfig(cache=tiny_cache, out=head_run, epochs=1))
 
 

@@ -21,7 +21,8 @@ def test_image_folder_classes_and_samples(tmp_path):
     assert dataset.classes == ["calm", "fear", "joy"]
     assert [s.relpath for s in dataset.samples][:2] == ["calm/000.jpg", "calm/001.jpg"]
     assert dataset.label_indices() == [0, 0, 1, 1, 2, 2]
-    assert len(dataset.sha256) == 6 and all(len(d) == 64 for d in dataset.sha256)
+    assert len(dataset.sha256) == 6
+    assert all(len(digest) == 64 for digest in dataset.sha256)
 
 
 def test_hidden_files_and_folders_are_ignored(tmp_path):

@@ -32,7 +32,7 @@ DOWNLOAD_TIMEOUT_S = 15
 
 @dataclass(frozen=True)
 class LoadedWeights:
-    """Where a backbone's weights came from and the SHA-256 digest of its state dict."""
+    """Record of a backbone's weights: the spec, their source and the SHA-256 of the state dict."""
 
     spec: str
     source: str

@@ -1,8 +1,8 @@
 """``emo demo``: the whole main job on a generated sample set, offline and in about a minute.
 
 The sample images are synthetic: each class has its own colour palette and texture, so the
-pipeline has something learnable. They are not photos and the numbers say nothing about emotion
-recognition; they show that extract, fit-heads, evaluate and predict work on this machine.
+pipeline has something learnable. They are not photos, so the numbers tell nothing about emotion
+recognition. They show that extract, fit-heads, evaluate and predict work on this machine.
 """
 
 import json
@@ -33,7 +33,7 @@ DEMO_CLASSES = {
 
 @dataclass(frozen=True)
 class DemoResult:
-    """Where the demo wrote its outputs, and the stacked test metrics."""
+    """Output locations of a demo run and its test metrics."""
 
     out: Path
     cache: Path

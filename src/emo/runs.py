@@ -39,7 +39,7 @@ def start_run(run_dir: Path, *, overwrite: bool = False) -> Path:
     """Create ``run_dir`` (or reuse it with ``overwrite``) and mark it incomplete."""
     run_dir = Path(run_dir)
     if (run_dir / "metrics.json").exists() and not overwrite:
-        raise RunError(f"run directory {run_dir} already holds a finished run; pass --overwrite or choose another --out")
+        raise RunError(f"run directory {run_dir} already contains a finished run; pass --overwrite or choose another --out")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / INCOMPLETE_MARKER).write_text("this run has not finished writing\n")

@@ -1,6 +1,6 @@
 """Synthetic feature caches with class-dependent structure, for tests and benchmarks.
 
-Each class has its own random mean vector per stage; rows are that mean plus Gaussian noise,
+Each class has its own random mean vector per stage. Rows are that mean plus Gaussian noise,
 so a linear head can learn the classes and accuracy is meaningful.
 """
 

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ExtractSummary:
-    """What an extraction did: rows written now and in total, time, throughput and file size."""
+    """Summary of an extraction: rows in total and written now, time, throughput and file size."""
 
     cache: Path
     split_csv: Path

@@ -1,6 +1,6 @@
 """``emo fit-heads``: train branch heads on cached features, then their weighted stacking.
 
-Phase 1 trains every branch at once on the same sampled mini-batches; the branches share no
+Phase 1 trains every branch at once on the same sampled mini-batches. The branches share no
 parameters, so summing their losses gives each branch exactly the gradient it would get alone.
 Each branch keeps its best epoch on val. Phase 2 learns the stacking weights while fine-tuning
 the branches, the cached-feature form of the two-step ResNet-ensemble of Najid & Chahyati
