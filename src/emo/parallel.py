@@ -18,17 +18,23 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
-def map_in_processes(function: Callable, items: Iterable, *, workers: int) -> Iterator[tuple[int, object]]:
-    """Call ``function`` on each item in ``workers`` processes and yield ``(index, result)`` as each finishes.
+def map_unordered(function: Callable, items: Iterable, *, workers: int) -> Iterator[tuple[int, object]]:
+    """Call ``function`` on each item and yield ``(index, result)`` as each call finishes.
 
-    ``function`` and the items must be picklable (a module-level function, dataclasses). When a
-    call raises, the exception is raised here; calls not yet started are cancelled and the
-    running ones are waited for, so no worker outlives this generator.
+    With ``workers`` above 1 the calls run in that many spawned processes, so ``function`` and the
+    items must be picklable (a module-level function, dataclasses). With 1 they run here, one
+    after another, which saves starting a process. Either way torch computes with one thread,
+    so a call gives the same numbers in both modes. When a call raises, the exception is raised
+    here; calls not yet started are cancelled and running ones are waited for, so no worker
+    outlives this generator.
 
     Example:
-        >>> sorted(map_in_processes(abs, [-2, 3], workers=2))  # doctest: +SKIP
+        >>> sorted(map_unordered(abs, [-2, 3], workers=2))  # doctest: +SKIP
         [(0, 2), (1, 3)]
     """
+    if workers == 1:
+        yield from _map_here(function, items)
+        return
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_configure_worker)
     try:
@@ -37,6 +43,18 @@ def map_in_processes(function: Callable, items: Iterable, *, workers: int) -> It
             yield futures[future], future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _map_here(function: Callable, items: Iterable) -> Iterator[tuple[int, object]]:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for index, item in enumerate(items):
+            yield index, function(item)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _configure_worker() -> None:

@@ -22,7 +22,7 @@ from emo.heads.ablate_table import summarize, write_tables
 from emo.heads.config import FitHeadsConfig
 from emo.heads.grid import grid_configs, load_grid
 from emo.heads.train import fit_heads
-from emo.parallel import available_cores, map_in_processes
+from emo.parallel import available_cores, map_unordered
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _run_pending(pending: list[FitHeadsConfig], configs: list[FitHeadsConfig], *
     logger.info("running %d fit-heads runs in %d worker processes", len(pending), workers)
 
     with tqdm(total=len(names), initial=len(names) - len(remaining), desc="ablate", unit="config") as bar:
-        for _, record in map_in_processes(run_one, pending, workers=workers):
+        for _, record in map_unordered(run_one, pending, workers=workers):
             remaining[record["name"]] -= 1
             if remaining[record["name"]] == 0:
                 bar.update(1)
@@ -182,15 +182,25 @@ def _read_results(path: Path, configs: list[FitHeadsConfig]) -> dict[tuple[str, 
     records = {}
     if not path.is_file():
         return records
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    text = path.read_text(encoding="utf-8")
+    kept = []
+    for number, line in enumerate(text.splitlines(), start=1):
         try:
             record = json.loads(line)
             key = (record["name"], record["seed"])
         except (json.JSONDecodeError, KeyError, TypeError):
-            logger.warning("skipping unreadable line %d of %s", number, path)
+            logger.warning("dropping unreadable line %d of %s", number, path)
             continue
+        kept.append(line)
         if expected.get(key) == record.get("config"):
             records[key] = record
+
+    # A line cut off by an interruption would swallow the next appended record; rewrite without it.
+    repaired = "".join(line + "\n" for line in kept)
+    if repaired != text:
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(repaired, encoding="utf-8")
+        temporary.replace(path)
     return records
 
 
