@@ -150,7 +150,7 @@ def test_other_cache_rejected_unless_overwrite(ab_cache, ab_grid_file, tmp_path)
     settings["cache_fingerprint"] = "another"
     (out / "config.json").write_text(json.dumps(settings))
 
-    with pytest.raises(RunError, match="holds results of another cache"):
+    with pytest.raises(RunError, match="contains results of another cache"):
         ablate(AblateConfig(cache=ab_cache, out=out, seeds=(0,), grid=str(ab_grid_file), workers=1))
     ablate(AblateConfig(cache=ab_cache, out=out, seeds=(0,), grid=str(ab_grid_file), workers=1, overwrite=True))
     assert len(read_records(out)) == 2
@@ -161,7 +161,7 @@ def test_foreign_config_json_rejected(ab_cache, tmp_path):
     out.mkdir()
     (out / "config.json").write_text(json.dumps({"kind": "heads"}))
 
-    with pytest.raises(RunError, match="holds a config.json that emo ablate did not write"):
+    with pytest.raises(RunError, match="contains a config.json that emo ablate did not write"):
         ablate(AblateConfig(cache=ab_cache, out=out, seeds=(0,)))
 
 

@@ -25,7 +25,7 @@ def map_unordered(function: Callable, items: Iterable, *, workers: int) -> Itera
     items must be picklable (a module-level function, dataclasses). With 1 they run here, one
     after another, which saves starting a process. Either way torch computes with one thread,
     so a call gives the same numbers in both modes. When a call raises, the exception is raised
-    here; calls not yet started are cancelled and running ones are waited for, so no worker
+    here. Calls not yet started are then cancelled and running ones are waited for, so no worker
     outlives this generator.
 
     Example:
@@ -61,7 +61,8 @@ def _configure_worker() -> None:
     # Each worker computes with one thread, so N workers use N cores instead of competing for them,
     # and results do not depend on how many threads a reduction was split across.
     os.environ["OMP_NUM_THREADS"] = "1"
-    # tqdm reads TQDM_* variables when it is imported; bars from N workers would garble the parent's.
+    # tqdm (4.66 and later) reads TQDM_* variables when it is imported. Bars from N workers would
+    # garble the parent's bar.
     os.environ["TQDM_DISABLE"] = "1"
     import torch
 

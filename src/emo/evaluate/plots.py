@@ -51,7 +51,7 @@ def plot_per_class_recall(recalls: dict[str, dict[str, float | None]], classes: 
     """Save a grouped bar chart of per-class recall, one bar per run in each class group, as a PNG.
 
     The figure is ``max(6, 1.2 * len(classes))`` inches wide and ``3.5 + 0.25 * len(recalls)`` high at
-    100 dpi; the legend lists one run per line below the bars, because run names are long.
+    100 dpi. The legend lists one run per line below the bars, because run names are long.
 
     Args:
         recalls: run label -> {class name: recall, or None when the class is absent from its test split}.

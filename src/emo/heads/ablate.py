@@ -71,7 +71,7 @@ def ablate(config: AblateConfig) -> list[dict]:
     Raises:
         GridError: if the grid is invalid.
         CacheError: if the cache is missing or lacks a stage the grid uses.
-        RunError: if ``out`` holds results of another cache and ``overwrite`` is not set.
+        RunError: if ``out`` contains results of another cache and ``overwrite`` is not set.
 
     Example:
         >>> rows = ablate(AblateConfig(cache=Path("e6.h5"), out=Path("ablation"), seeds=(0, 1)))  # doctest: +SKIP
@@ -80,13 +80,13 @@ def ablate(config: AblateConfig) -> list[dict]:
     """
     entries = load_grid(config.grid)
     cache = Path(config.cache).resolve()
-    fingerprint = _check_cache(cache, entries)
     out = Path(config.out)
-    _prepare_out(out, config, entries, fingerprint=fingerprint)
-
     # Seed-major lists, reordered configuration-major so the seeds of one configuration finish together.
     per_seed = [grid_configs(entries, cache=cache, seed=seed, runs_dir=out / "runs") for seed in config.seeds]
     configs = [seed_configs[i] for i in range(len(entries)) for seed_configs in per_seed]
+    fingerprint = _check_cache(cache, per_seed[0])
+    _prepare_out(out, config, entries, fingerprint=fingerprint)
+
     records = _read_results(out / RESULTS_FILE, configs)
     pending = [c for c in configs if (c.name, c.seed) not in records]
     logger.info("ablation: %d configurations x %d seeds, %d runs already in %s, %d to run",
@@ -130,11 +130,11 @@ def _run_pending(pending: list[FitHeadsConfig], configs: list[FitHeadsConfig], *
             yield record
 
 
-def _check_cache(cache: Path, entries: list[dict]) -> str:
+def _check_cache(cache: Path, configs: list[FitHeadsConfig]) -> str:
     """Check that the cache has every stage the grid uses and return its fingerprint."""
     with FeatureCache(cache) as features:
-        for entry in entries:
-            missing = [stage for stage in entry.get("stages", ()) if stage not in features.stages]
+        for config in configs:
+            missing = [stage for stage in config.stages if stage not in features.stages]
             if missing:
                 raise CacheError(f"cache {cache} has no stage {missing[0]}, which the grid uses; "
                                  f"it has {', '.join(features.stages)}")
@@ -150,7 +150,7 @@ def _prepare_out(out: Path, config: AblateConfig, entries: list[dict], *, finger
             (out / RESULTS_FILE).unlink(missing_ok=True)
             shutil.rmtree(out / "runs", ignore_errors=True)
         elif earlier.get("cache_fingerprint") != fingerprint:
-            raise RunError(f"{out} holds results of another cache ({earlier['config'].get('cache')}); "
+            raise RunError(f"{out} contains results of another cache ({earlier['config'].get('cache')}); "
                            "choose another --out or pass --overwrite to discard them")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +169,7 @@ def _read_settings(path: Path) -> dict:
     except json.JSONDecodeError as error:
         raise RunError(f"{path} is not valid JSON: {error}; choose another --out") from error
     if not isinstance(settings, dict) or settings.get("kind") != "ablation":
-        raise RunError(f"{path.parent} holds a config.json that emo ablate did not write; choose another --out")
+        raise RunError(f"{path.parent} contains a config.json that emo ablate did not write; choose another --out")
     return settings
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 from emo.data.sampling import SAMPLINGS
 from emo.stages import STAGE_NAMES
 
-# How the branch probabilities of several stages become one prediction: a learned weighted
-# average, a plain mean, or a logistic-regression meta-learner fit on the val split.
+# Ways to combine the branch probabilities of several stages into one prediction: a learned
+# weighted average, a plain mean, or a logistic-regression meta-learner fit on the val split.
 STACKINGS = ("weighted", "mean", "logreg")
 # "branches": one linear head per stage, then stacking; "concat": one linear head on the
 # concatenated features of all stages.

@@ -1,7 +1,7 @@
 """The logistic-regression meta-learner that stacks branch probabilities (``--stacking logreg``).
 
 scikit-learn fits a multinomial logistic regression on the concatenated branch probabilities
-[N, S*K] of the val split; its coefficients are copied into the ``meta`` layer of
+[N, S*K] of the val split. Its coefficients are copied into the ``meta`` layer of
 :class:`~emo.heads.model.StackedHeads`, so the run saves and loads like any other head run.
 """
 
@@ -33,7 +33,7 @@ def fit_logreg_stacking(model: StackedHeads, features: dict[str, torch.Tensor], 
         labels: class indices [N] of that split.
 
     Raises:
-        CacheError: if the split holds fewer than two classes, so no classifier can be fit.
+        CacheError: if the split contains fewer than two classes, so no classifier can be fit.
 
     Example:
         >>> fit_logreg_stacking(model, splits["val"].features, splits["val"].labels)  # doctest: +SKIP
@@ -56,8 +56,8 @@ def fit_logreg_stacking(model: StackedHeads, features: dict[str, torch.Tensor], 
 def _class_coefficients(regression: LogisticRegression, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Return weight [K, D] and bias [K] with one row per class index, from a fitted regression.
 
-    scikit-learn keeps rows only for the classes it saw, and a single row (the logit of
-    ``classes_[1]`` against ``classes_[0]``) when it saw two; softmax over ``[0, z]`` equals that
+    scikit-learn keeps rows only for the classes it saw. When it saw two, it keeps a single row:
+    the logit z of ``classes_[1]`` against ``classes_[0]``. Softmax over ``[0, z]`` equals that
     sigmoid, so the first class gets a zero row.
     """
     coef, intercept = regression.coef_, regression.intercept_
