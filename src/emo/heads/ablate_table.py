@@ -11,11 +11,11 @@ CSV_FILE = "ablation.csv"
 
 NOTES = (
     "Mean ± sample standard deviation (ddof=1) over seeds; a single seed has standard deviation 0. "
-    "Val numbers are those each run used to keep its best epoch; the logreg stacking is fit on the val "
-    "split, so its val numbers are in-sample. Seconds are the wall time of one fit-heads run (one seed), "
-    "with several runs in parallel processes. A configuration name lists: stages (L1-L4 = L1 to L4), "
-    "the combination of several stages (stack-weighted, stack-mean, stack-logreg or concat), sampling, "
-    "learning rate, dropout and epochs."
+    "Val numbers are those of each final model on the val split, which also chose the best epochs. "
+    "The logreg stacking is fit on the val split, so its val numbers are in-sample. Seconds are the "
+    "wall time of one fit-heads run (one seed), with several runs in parallel processes. A "
+    "configuration name lists: stages (L1-L4 = L1 to L4), the combination of several stages "
+    "(stack-weighted, stack-mean, stack-logreg or concat), sampling, learning rate, dropout and epochs."
 )
 
 
