@@ -51,7 +51,7 @@ def test_config_records_resolved_options_and_backbone(head_run):
     assert settings["config"]["sampling"] == "weighted"
     assert settings["backbone"]["arch"] == "resnet18"
     assert settings["backbone"]["weights"]["spec"] == "random"
-    assert settings["name"] == "L0-L4_weighted_lr0.001_drop0_e5"
+    assert settings["name"] == "L0-L4_stack-weighted_weighted_lr0.001_drop0_e5_se3"
 
 
 def test_history_has_both_phases(head_run):

@@ -25,6 +25,16 @@ def _stages_option(ctx, param, value: str) -> tuple[str, ...]:
         raise click.BadParameter(str(error)) from error
 
 
+def _seeds_option(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError as error:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers such as 0,1,2") from error
+    if not seeds:
+        raise click.BadParameter(f"{value!r} lists no seed; give one or more, such as 0,1,2")
+    return seeds
+
+
 def _run(function, *args, **kwargs):
     """Call ``function``, turning user-facing errors into a clean message and exit status 1."""
     try:
@@ -85,8 +95,16 @@ def extract(**options) -> None:
               help="Comma-separated stages to train branches on.")
 @click.option("--sampling", type=click.Choice(["weighted", "shuffle"]), default="weighted", show_default=True,
               help="weighted: draws inversely proportional to class size; shuffle: plain random order.")
+@click.option("--fusion", type=click.Choice(["branches", "concat"]), default="branches", show_default=True,
+              help="branches: one linear head per stage, then stacking; concat: one linear head on the "
+                   "concatenated features of all stages.")
+@click.option("--stacking", type=click.Choice(["weighted", "mean", "logreg"]), default="weighted",
+              show_default=True,
+              help="How branch probabilities combine: learned weighted average, plain mean, or a "
+                   "logistic-regression meta-learner fit on the val split.")
 @click.option("--epochs", default=50, show_default=True, help="Epochs of branch training.")
-@click.option("--stack-epochs", default=10, show_default=True, help="Epochs of stacking (0 = plain mean).")
+@click.option("--stack-epochs", default=10, show_default=True,
+              help="Epochs of weighted stacking (0 = plain mean).")
 @click.option("--lr", default=1e-3, show_default=True, help="SGD learning rate.")
 @click.option("--batch-size", default=32, show_default=True, help="Mini-batch size.")
 @click.option("--dropout", default=0.0, show_default=True, help="Dropout probability before each head.")
@@ -104,6 +122,31 @@ def fit_heads(**options) -> None:
 
 
 @main.command()
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Ablation folder: results.jsonl, ablation.md, ablation.csv and one run folder per run.")
+@click.option("--seeds", default="0,1,2", show_default=True, callback=_seeds_option,
+              help="Comma-separated seeds; every configuration runs once per seed.")
+@click.option("--grid", default="default", show_default=True,
+              help="'default' for the built-in grid, or a TOML file listing [[configs]] with fit-heads option keys.")
+@click.option("--workers", default=0, show_default=True,
+              help="Parallel worker processes (0 = one per available CPU core).")
+@click.option("--overwrite", is_flag=True, help="Discard earlier results in --out instead of resuming.")
+def ablate(**options) -> None:
+    """Train a grid of head configurations on a feature CACHE for several seeds and tabulate them.
+
+    Rerunning the same command resumes: runs already in --out/results.jsonl are not repeated.
+    """
+    from emo.heads.ablate import AblateConfig, ablate as run_ablate
+    from emo.heads.ablate_table import MARKDOWN_FILE, format_markdown
+
+    config = _run(AblateConfig, **options)
+    rows = _run(run_ablate, config)
+    click.echo(format_markdown(rows))
+    click.echo(f"tables written to {config.out / MARKDOWN_FILE} and .csv")
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--cache", type=click.Path(path_type=Path), help="Feature cache to use instead of the run's own.")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
@@ -116,6 +159,20 @@ def evaluate(run_dir: Path, cache: Path | None, split: str, device: str) -> None
     metrics = _run(evaluate_run, run_dir, cache=cache, split=split, device=device)
     click.echo(f"{split} split, {next(iter(metrics['models'].values()))['count']} images")
     click.echo(format_table(metrics["models"]))
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", default="report", show_default=True, type=click.Path(path_type=Path),
+              help="Folder for report.md and its PNG figures.")
+def report(run_dirs: tuple[Path, ...], out: Path) -> None:
+    """Compare the test results of RUN_DIRS (head and fine-tuned runs) in a table with figures."""
+    from emo.evaluate.report import REPORT_FILE, ReportConfig, format_table, write_report
+
+    config = _run(ReportConfig, runs=run_dirs, out=out)
+    summaries = _run(write_report, config)
+    click.echo(format_table(summaries, list(summaries[0].per_class_recall)))
+    click.echo(f"report written to {out / REPORT_FILE}")
 
 
 @main.command()

@@ -22,3 +22,7 @@ class WeightsError(EmoError):
 
 class RunError(EmoError):
     """A run directory is missing, incomplete or inconsistent."""
+
+
+class GridError(EmoError):
+    """An ablation grid file is missing, unreadable or lists an invalid configuration."""

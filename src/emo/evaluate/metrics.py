@@ -47,11 +47,12 @@ def format_table(models: dict[str, dict]) -> str:
     header = ["model", "accuracy", "macro_recall", *classes]
     rows = [header]
     for name, metrics in models.items():
-        recalls = [_format_number(metrics["per_class_recall"][c]) for c in classes]
-        rows.append([name, _format_number(metrics["accuracy"]), _format_number(metrics["macro_recall"]), *recalls])
+        recalls = [format_number(metrics["per_class_recall"][c]) for c in classes]
+        rows.append([name, format_number(metrics["accuracy"]), format_number(metrics["macro_recall"]), *recalls])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows)
 
 
-def _format_number(value: float | None) -> str:
+def format_number(value: float | None) -> str:
+    """Format a metric with four decimals, or ``-`` for None (a class absent from the split)."""
     return "-" if value is None else f"{value:.4f}"

@@ -1,4 +1,4 @@
-"""Figures: the confusion matrix normalized by true class."""
+"""Figures: the confusion matrix normalized by true class, and per-class recall across runs."""
 
 from pathlib import Path
 
@@ -44,3 +44,38 @@ def _annotate_cells(axes, normalized: np.ndarray) -> None:
             value = normalized[row, column]
             axes.text(column, row, f"{value:.2f}", ha="center", va="center",
                       color="white" if value > 0.5 else "black", fontsize=8)
+
+
+def plot_per_class_recall(recalls: dict[str, dict[str, float | None]], classes: list[str], path: Path, *,
+                          title: str) -> None:
+    """Save a grouped bar chart of per-class recall, one bar per run in each class group, as a PNG.
+
+    The figure is ``max(6, 1.2 * len(classes))`` inches wide and ``3.5 + 0.25 * len(recalls)`` high at
+    100 dpi. The legend lists one run per line below the bars, because run names are long.
+
+    Args:
+        recalls: run label -> {class name: recall, or None when the class is absent from its test split}.
+        classes: class names in index order, one group of bars each.
+        path: the PNG file to write.
+        title: the figure title.
+
+    Example:
+        >>> plot_per_class_recall({"L4": {"joy": 0.5, "fear": 0.25}}, ["joy", "fear"], Path("r.png"),
+        ...                       title="test recall")  # doctest: +SKIP
+    """
+    size = (max(6.0, 1.2 * len(classes)), 3.5 + 0.25 * len(recalls))
+    figure, axes = plt.subplots(figsize=size, dpi=100, layout="constrained")
+    positions = np.arange(len(classes))
+    width = 0.8 / len(recalls)
+    for index, (label, values) in enumerate(recalls.items()):
+        # An absent class (None) becomes NaN, which matplotlib leaves out instead of drawing a zero bar.
+        heights = [np.nan if values[name] is None else values[name] for name in classes]
+        axes.bar(positions - 0.4 + width * (index + 0.5), heights, width, label=label)
+
+    axes.set_xticks(positions, classes, rotation=30, ha="right")
+    axes.set_ylim(0.0, 1.0)
+    axes.set_ylabel("recall")
+    axes.set_title(title)
+    figure.legend(loc="outside lower center", ncols=1, fontsize=8)
+    figure.savefig(path)
+    plt.close(figure)

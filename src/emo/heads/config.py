@@ -1,10 +1,19 @@
 """Configuration of ``emo fit-heads``."""
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from emo.data.sampling import SAMPLINGS
 from emo.stages import STAGE_NAMES
+
+# Ways to combine the branch probabilities of several stages into one prediction: a learned
+# weighted average, a plain mean, or a logistic-regression meta-learner fit on the val split.
+STACKINGS = ("weighted", "mean", "logreg")
+# "branches": one linear head per stage, then stacking; "concat": one linear head on the
+# concatenated features of all stages.
+FUSIONS = ("branches", "concat")
+# Fields that appear in a run name only when they differ from their default, with their tag.
+_NAME_EXTRAS = {"stack_epochs": "se", "batch_size": "bs", "momentum": "m", "weight_decay": "wd"}
 
 
 @dataclass(frozen=True)
@@ -15,6 +24,8 @@ class FitHeadsConfig:
     out: Path
     stages: tuple[str, ...] = STAGE_NAMES
     sampling: str = "weighted"
+    fusion: str = "branches"
+    stacking: str = "weighted"
     epochs: int = 50
     stack_epochs: int = 10
     lr: float = 1e-3
@@ -28,6 +39,10 @@ class FitHeadsConfig:
     def __post_init__(self) -> None:
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"sampling {self.sampling!r} is not one of {', '.join(SAMPLINGS)}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion {self.fusion!r} is not one of {', '.join(FUSIONS)}")
+        if self.stacking not in STACKINGS:
+            raise ValueError(f"stacking {self.stacking!r} is not one of {', '.join(STACKINGS)}")
         if not self.stages or any(stage not in STAGE_NAMES for stage in self.stages):
             raise ValueError(f"stages {self.stages} must be a non-empty subset of {', '.join(STAGE_NAMES)}")
         if self.epochs < 1 or self.stack_epochs < 0:
@@ -41,13 +56,40 @@ class FitHeadsConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
+    def combination(self) -> str:
+        """How the stages become one prediction: ``single``, ``concat`` or ``stack-<stacking>``."""
+        if self.fusion == "concat":
+            return "concat"
+        return "single" if len(self.stages) == 1 else f"stack-{self.stacking}"
+
+    @property
     def name(self) -> str:
-        """A head name that encodes the hyperparameters, e.g. ``L0-L4_weighted_lr0.001_drop0.0_e50``."""
-        stages = "-".join(self.stages) if len(self.stages) < 3 else f"{self.stages[0]}-{self.stages[-1]}"
-        return f"{stages}_{self.sampling}_lr{self.lr:g}_drop{self.dropout:g}_e{self.epochs}"
+        """A head name that encodes the hyperparameters.
+
+        Examples: ``L0-L4_stack-weighted_weighted_lr0.001_drop0_e50`` (all five stages, learned
+        stacking, weighted sampling), ``L4_shuffle_lr0.001_drop0.5_e50`` (one stage),
+        ``L0+L2_concat_weighted_lr0.001_drop0_e50_bs64`` (a non-default batch size is appended).
+        """
+        parts = [_stage_label(self.stages)]
+        if self.combination != "single":
+            parts.append(self.combination)
+        parts += [self.sampling, f"lr{self.lr:g}", f"drop{self.dropout:g}", f"e{self.epochs}"]
+        defaults = {field.name: field.default for field in fields(self)}
+        parts += [f"{tag}{getattr(self, key):g}" for key, tag in _NAME_EXTRAS.items()
+                  if getattr(self, key) != defaults[key]]
+        return "_".join(parts)
 
     def to_json(self) -> dict:
         """Return the config as JSON-ready values."""
         values = asdict(self)
         values["stages"] = list(self.stages)
         return {key: str(value) if isinstance(value, Path) else value for key, value in values.items()}
+
+
+def _stage_label(stages: tuple[str, ...]) -> str:
+    """Return ``L1-L4`` for a run of consecutive stages, else the stages joined by ``+``."""
+    positions = [STAGE_NAMES.index(stage) for stage in stages]
+    consecutive = positions == list(range(positions[0], positions[0] + len(positions)))
+    if len(stages) > 1 and consecutive:
+        return f"{stages[0]}-{stages[-1]}"
+    return "+".join(stages)

@@ -1,13 +1,21 @@
 """Branch heads and their stacking.
 
 A branch is a linear classifier on one stage's pooled features, standardized with the training
-split's mean and standard deviation (stored as buffers, so a saved head carries them). The
-stacked model averages the branch softmax outputs with learned non-negative weights that sum to
-one (a softmax over one logit per branch).
+split's mean and standard deviation (stored as buffers, so a saved head carries them). With
+``fusion="concat"`` there is a single branch on the concatenated features of all stages. The
+stacked model combines the branch softmax outputs in one of three ways:
+
+- ``weighted``: a learned weighted average, with non-negative weights that sum to one (a
+  softmax over one logit per branch);
+- ``mean``: the plain mean (the weights stay equal);
+- ``logreg``: a multinomial logistic regression on the concatenated branch probabilities, whose
+  coefficients are fit outside this module (see :mod:`emo.heads.stacking`) and stored in ``meta``.
 """
 
 import torch
 from torch import nn
+
+CONCAT_BRANCH = "concat"
 
 
 class BranchHead(nn.Module):
@@ -31,7 +39,14 @@ class BranchHead(nn.Module):
 
 
 class StackedHeads(nn.Module):
-    """One :class:`BranchHead` per stage and a learned weighted average of their probabilities.
+    """Branch heads on stage features and the stacking of their probabilities.
+
+    Args:
+        channels: feature width of each input stage, in stage order.
+        num_classes: number of classes K.
+        dropout: dropout probability before each linear head.
+        fusion: ``branches`` (one head per stage) or ``concat`` (one head on all stages).
+        stacking: ``weighted``, ``mean`` or ``logreg``; used when there are several branches.
 
     Example:
         >>> model = StackedHeads({"L3": 1024, "L4": 2048}, num_classes=6)
@@ -40,29 +55,47 @@ class StackedHeads(nn.Module):
         torch.Size([2, 6])
     """
 
-    def __init__(self, channels: dict[str, int], num_classes: int, *, dropout: float = 0.0):
+    def __init__(self, channels: dict[str, int], num_classes: int, *, dropout: float = 0.0,
+                 fusion: str = "branches", stacking: str = "weighted"):
         super().__init__()
+        self.channels = dict(channels)
+        self.fusion = fusion
+        self.stacking = stacking
+        widths = {CONCAT_BRANCH: sum(channels.values())} if fusion == "concat" else channels
         self.branches = nn.ModuleDict({name: BranchHead(width, num_classes, dropout=dropout)
-                                       for name, width in channels.items()})
+                                       for name, width in widths.items()})
         # Zero logits start the stacking as a plain mean of the branches.
-        self.stack_logits = nn.Parameter(torch.zeros(len(channels)))
+        self.stack_logits = nn.Parameter(torch.zeros(len(self.branches)))
+        if stacking == "logreg" and len(self.branches) > 1:
+            # Maps the concatenated branch probabilities [B, S*K] to class logits [B, K].
+            self.meta = nn.Linear(len(self.branches) * num_classes, num_classes)
 
     @property
     def stages(self) -> list[str]:
-        """The stage names of the branches, in order."""
+        """The branch names in order: the stage names, or ``["concat"]`` for a concatenation head."""
         return list(self.branches)
 
     def stack_weights(self) -> torch.Tensor:
         """Return the branch weights [S]: non-negative, summing to one."""
         return torch.softmax(self.stack_logits, dim=0)
 
+    def branch_inputs(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Return the input [B, C] of each branch from stage features {stage: [B, C_stage]}."""
+        if self.fusion == "concat":
+            return {CONCAT_BRANCH: torch.cat([features[name] for name in self.channels], dim=1)}
+        return {name: features[name] for name in self.branches}
+
     def branch_logits(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Return each branch's logits [B, K]."""
-        return {name: head(features[name]) for name, head in self.branches.items()}
+        inputs = self.branch_inputs(features)
+        return {name: head(inputs[name]) for name, head in self.branches.items()}
 
     def stack(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
         """Combine branch logits into stacked probabilities [B, K]."""
         probabilities = torch.stack([torch.softmax(logits[name], dim=1) for name in self.branches])  # [S, B, K]
+        if hasattr(self, "meta"):
+            concatenated = probabilities.permute(1, 0, 2).flatten(1)  # [B, S*K], branch-major
+            return torch.softmax(self.meta(concatenated), dim=1)
         return torch.einsum("s,sbk->bk", self.stack_weights(), probabilities)
 
     def probabilities(self, features: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -4,7 +4,8 @@ Phase 1 trains every branch at once on the same sampled mini-batches. The branch
 parameters, so summing their losses gives each branch exactly the gradient it would get alone.
 Each branch keeps its best epoch on val. Phase 2 learns the stacking weights while fine-tuning
 the branches, the cached-feature form of the two-step ResNet-ensemble of Najid & Chahyati
-(EECSI 2018), again keeping the best epoch on val.
+(EECSI 2018), again keeping the best epoch on val. The other stackings replace phase 2: ``mean``
+keeps equal weights, ``logreg`` fits a meta-learner on the val split (:mod:`emo.heads.stacking`).
 """
 
 import copy
@@ -25,6 +26,7 @@ from emo.evaluate.metrics import compute_metrics
 from emo.heads.config import FitHeadsConfig
 from emo.heads.model import StackedHeads
 from emo.heads.outputs import write_head_run
+from emo.heads.stacking import fit_logreg_stacking
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +56,8 @@ def fit_heads(config: FitHeadsConfig) -> dict:
         config: the resolved options of ``emo fit-heads``.
 
     Returns:
-        The content of the run's ``metrics.json`` (test metrics of the stacked model and of
-        every branch).
+        The content of the run's ``metrics.json``: test metrics of the stacked model and of every
+        branch, and under ``"val"`` the val accuracy and macro recall of each of them.
 
     Example:
         >>> fit_heads(FitHeadsConfig(cache=Path("e6.h5"), out=Path("runs/heads")))  # doctest: +SKIP
@@ -70,15 +72,20 @@ def fit_heads(config: FitHeadsConfig) -> dict:
 
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    model = StackedHeads(channels, len(classes), dropout=config.dropout)
-    for name, head in model.branches.items():
-        head.set_standardization(splits["train"].features[name])
+    model = StackedHeads(channels, len(classes), dropout=config.dropout, fusion=config.fusion,
+                         stacking=config.stacking)
+    for name, values in model.branch_inputs(splits["train"].features).items():
+        model.branches[name].set_standardization(values)
 
     history = train_branches(model, splits, config, generator)
-    if len(config.stages) > 1 and config.stack_epochs > 0:
+    if len(model.branches) > 1 and config.stacking == "weighted" and config.stack_epochs > 0:
         history += train_stacking(model, splits, config, generator)
+    elif len(model.branches) > 1 and config.stacking == "logreg":
+        fit_logreg_stacking(model, splits["val"].features, splits["val"].labels)
 
     metrics = evaluate_heads(model, splits["test"], classes)
+    metrics["val"] = {name: {key: values[key] for key in ("accuracy", "macro_recall")}
+                      for name, values in evaluate_heads(model, splits["val"], classes)["models"].items()}
     metrics["seconds"] = time.perf_counter() - start
     write_head_run(config, model=model, classes=classes, backbone=backbone, metrics=metrics, history=history)
     return metrics
@@ -213,5 +220,6 @@ def evaluate_heads(model: StackedHeads, split: SplitData, classes: list[str]) ->
     outputs = head_probabilities(model, split.features)
     labels = split.labels.numpy()
     models = {name: compute_metrics(labels, probs.argmax(1).numpy(), classes) for name, probs in outputs.items()}
-    return {"primary": next(iter(models)), "models": models,
-            "stack_weights": dict(zip(model.stages, model.stack_weights().tolist()))}
+    # The logreg meta-learner has no per-branch weights.
+    weights = None if hasattr(model, "meta") else dict(zip(model.stages, model.stack_weights().tolist()))
+    return {"primary": next(iter(models)), "models": models, "stack_weights": weights}
