@@ -165,7 +165,7 @@ def write_grayscale_jpeg(path: Path, value: int = 90, size: tuple[int, int] = (4
 
 
 def write_exif_rotated_jpeg(path: Path, *, orientation: int = 6, size: tuple[int, int] = (60, 30)) -> Path:
-    """Write a JPEG stored ``size`` wide whose EXIF says to rotate it for display.
+    """Write a JPEG stored ``size`` wide whose EXIF orientation tag asks to rotate it for display.
 
     The stored pixels are red in the left half and blue in the right half, so after
     orientation 6 (90 degrees clockwise) the displayed image is red on top and blue below.

@@ -114,8 +114,10 @@ def test_exif_orientation_applied(tmp_path, draft_size):
     height, width = pixels.shape[:2]
     assert height > width
     top, bottom = pixels[height // 4, width // 2], pixels[3 * height // 4, width // 2]
-    assert top[0] > 200 and top[2] < 60
-    assert bottom[2] > 200 and bottom[0] < 60
+    assert top[0] > 200
+    assert top[2] < 60
+    assert bottom[2] > 200
+    assert bottom[0] < 60
 
 
 def test_odd_images_extracted_end_to_end(tmp_path):

@@ -81,7 +81,7 @@ def test_killed_extraction_resumes_identically(tmp_path):
 
     # Kill point 1: the partial file exists and no row is written yet.
     process = start_and_stop(0, extract_args(data, out), tmp_path / "run1.log")
-    # While that process holds the cache, a second writer must be turned away.
+    # While that process has the cache locked, a second writer must be rejected.
     try:
         with pytest.raises(CacheError, match=f"cache {out} is in use by another `emo extract`"):
             extract(tiny_extract_config(data, out))
@@ -219,10 +219,11 @@ def test_overwrite_keeps_previous_cache_until_complete(tiny_cache, tmp_path, mon
     assert hashlib.sha256(out.read_bytes()).hexdigest() == before
 
 
-def test_unwritable_folder_named_in_error(tmp_path):
+def test_unwritable_folder_named_in_error(tmp_path, monkeypatch):
     data = small_dataset(tmp_path)
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the output folder should be")
+    monkeypatch.setattr("emo.extract.run.scan_dataset", _fail_if_called)
     with pytest.raises(CacheError, match=f"output folder {blocker} does not exist"):
         extract(tiny_extract_config(data, blocker / "cache.h5"))
 
@@ -279,7 +280,7 @@ needs_unshare = pytest.mark.skipif(not unshare_available(),
 def run_in_private_tmpfs(mount: Path, script: str) -> subprocess.CompletedProcess:
     """Run a shell script in a private mount namespace in which ``mount`` is a fresh 2 MiB tmpfs.
 
-    The mount exists only inside that namespace; the rest of the machine never sees it.
+    The mount exists only inside that namespace, so no other process on the machine can reach it.
     """
     mount.mkdir()
     setup = f"mount -t tmpfs -o size=2m emo-test {mount} && "

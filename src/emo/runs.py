@@ -100,7 +100,7 @@ def _read_json(path: Path):
 
 
 def _config_problem(config) -> str | None:
-    """Say what is missing from a run's config.json, or return None when the common keys are there."""
+    """Return what is missing from a run's config.json, or None when the keys every run has are present."""
     if not isinstance(config, dict):
         return "it is not a JSON object"
     for key, kind in (("kind", str), ("config", dict), ("backbone", dict)):

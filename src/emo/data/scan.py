@@ -114,7 +114,7 @@ def _walk_class_folder(root: Path, folder: Path, bad: list) -> list[str]:
             path = Path(dirpath) / name
             if is_hidden(name) or path.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
-            # Folders on the way are never links here, so only a linked file can lead elsewhere.
+            # os.walk enters no linked folder, so only a linked file can lead out of the dataset.
             problem = _link_problem(path, real_root) if path.is_symlink() else None
             if problem:
                 bad.append(BadImageError(path, problem))
