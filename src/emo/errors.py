@@ -26,3 +26,7 @@ class RunError(EmoError):
 
 class GridError(EmoError):
     """An ablation grid file is missing, unreadable or lists an invalid configuration."""
+
+
+class TrainingError(EmoError):
+    """Training cannot go on, for example because the loss became NaN or infinite."""

@@ -35,11 +35,32 @@ def save_state_dict_atomically(path: Path, state_dict: dict) -> None:
     os.replace(temporary, path)
 
 
-def start_run(run_dir: Path, *, overwrite: bool = False) -> Path:
-    """Create ``run_dir`` (or reuse it with ``overwrite``) and mark it incomplete."""
+def check_run_destination(run_dir: Path, *, overwrite: bool = False) -> None:
+    """Raise RunError unless a run can be written to ``run_dir``.
+
+    Cheap enough to call before training, so a wrong ``--out`` fails before any work is done.
+
+    Example:
+        >>> check_run_destination(Path("runs/heads"), overwrite=True)  # doctest: +SKIP
+    """
     run_dir = Path(run_dir)
+    existing = next(path for path in (run_dir, *run_dir.parents) if path.exists())
+    if not existing.is_dir():
+        raise RunError(f"cannot write run directory {run_dir}: {existing} is a file; choose another --out")
+    if not os.access(existing, os.W_OK):
+        raise RunError(f"cannot write run directory {run_dir}: {existing} is not writable; choose another --out")
     if (run_dir / "metrics.json").exists() and not overwrite:
         raise RunError(f"run directory {run_dir} already contains a finished run; pass --overwrite or choose another --out")
+
+
+def start_run(run_dir: Path, *, overwrite: bool = False) -> Path:
+    """Create ``run_dir`` (or reuse it with ``overwrite``) and mark it incomplete.
+
+    Files of a previous run stay until the new run replaces them, but the marker makes readers
+    reject the directory from now until :func:`finish_run`.
+    """
+    run_dir = Path(run_dir)
+    check_run_destination(run_dir, overwrite=overwrite)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / INCOMPLETE_MARKER).write_text("this run has not finished writing\n")
@@ -63,17 +84,37 @@ def read_run_config(run_dir: Path) -> dict:
     for name in ("config.json", "classes.json", "model.pt"):
         if not (run_dir / name).is_file():
             raise RunError(f"run {run_dir} has no {name}; it is not an emo-vision run directory")
-    try:
-        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise RunError(f"{run_dir / 'config.json'} is not valid JSON: {error}") from error
+    config = _read_json(run_dir / "config.json")
+    problem = _config_problem(config)
+    if problem:
+        raise RunError(f"{run_dir / 'config.json'} is not a run configuration: {problem}")
     config["classes"] = read_classes(run_dir)
     return config
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunError(f"{path} is not a readable JSON file: {error}") from error
+
+
+def _config_problem(config) -> str | None:
+    """Return what is missing from a run's config.json, or None when the keys every run has are present."""
+    if not isinstance(config, dict):
+        return "it is not a JSON object"
+    for key, kind in (("kind", str), ("config", dict), ("backbone", dict)):
+        if not isinstance(config.get(key), kind):
+            return f"key {key!r} is missing or not a {kind.__name__}"
+    backbone = config["backbone"]
+    if not isinstance(backbone.get("weights"), dict) or not isinstance(backbone.get("image_size"), int):
+        return "the backbone record lacks 'weights' or 'image_size'"
+    return None
+
+
 def read_classes(run_dir: Path) -> list[str]:
     """Return the class names of a run in index order."""
-    classes = json.loads((Path(run_dir) / "classes.json").read_text(encoding="utf-8"))
+    classes = _read_json(Path(run_dir) / "classes.json")
     if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
         raise RunError(f"{run_dir}/classes.json is not a list of class names")
     return classes

@@ -1,6 +1,7 @@
-"""Reading a finished feature cache, with checks that turn a foreign file into a clear error."""
+"""Reading a finished feature cache, with checks that turn a foreign or damaged file into a clear error."""
 
 import json
+import re
 from pathlib import Path
 
 import h5py
@@ -9,11 +10,19 @@ import numpy as np
 from emo.cache.schema import FORMAT_NAME, REQUIRED_ATTRS, SCHEMA_VERSION
 from emo.errors import CacheError
 
+ROW_DATASETS = ("labels", "split", "paths", "written")
+JSON_ATTRS = ("classes", "stages", "weights", "normalization")
+
 
 class FeatureCache:
     """A finished feature cache opened for reading.
 
-    Each process (and each DataLoader worker) should open its own instance.
+    Each process (and each DataLoader worker) should open its own instance; any number of
+    readers may have the same cache open at once.
+
+    Raises:
+        CacheError: if the file is missing, not HDF5, not a feature cache, of another schema
+            version, incomplete or internally inconsistent.
 
     Example:
         >>> with FeatureCache("emotion6.h5") as cache:  # doctest: +SKIP
@@ -25,15 +34,17 @@ class FeatureCache:
         self.path = Path(path)
         self._file = _open_h5(self.path)
         try:
-            self.attrs = _checked_attrs(self._file, self.path)
+            self.attrs = self._read(lambda: _checked_attrs(self._file, self.path))
+            values = _json_attrs(self.attrs, self.path)
+            self.classes: list[str] = values["classes"]
+            self.stages: dict[str, int] = values["stages"]
+            self.weights: dict = values["weights"]
+            self.normalization: dict = values["normalization"]
+            self._split = self._read(lambda: self._file["split"].asstr()[:])
+            self._read(lambda: _check_rows(self._file, self.path, self.classes, self.stages))
         except CacheError:
             self._file.close()
             raise
-        self.classes: list[str] = json.loads(self.attrs["classes"])
-        self.stages: dict[str, int] = json.loads(self.attrs["stages"])
-        self.weights: dict = json.loads(self.attrs["weights"])
-        self.normalization: dict = json.loads(self.attrs["normalization"])
-        self._split = self._file["split"].asstr()[:]
 
     def __enter__(self) -> "FeatureCache":
         return self
@@ -47,6 +58,14 @@ class FeatureCache:
 
     def __len__(self) -> int:
         return len(self._split)
+
+    def _read(self, read):
+        """Call ``read`` and turn an HDF5 failure (damaged file, I/O error) into a CacheError."""
+        try:
+            return read()
+        except (OSError, KeyError) as error:
+            raise CacheError(f"reading cache {self.path} failed ({hdf5_error_reason(error)}); the file is damaged "
+                             "or its disk failed, so recreate it with `emo extract`") from error
 
     def indices(self, split: str | None = None) -> np.ndarray:
         """Return the row indices of ``split`` (all rows when None), in increasing order."""
@@ -62,15 +81,17 @@ class FeatureCache:
             raise CacheError(f"cache {self.path} has no stage {stage!r}; it has {', '.join(self.stages)}")
         rows = self.indices(split)
         data = self._file["features"][stage]
-        return data[rows].astype(np.float32) if len(rows) else np.zeros((0, data.shape[1]), np.float32)
+        if not len(rows):
+            return np.zeros((0, data.shape[1]), np.float32)
+        return self._read(lambda: data[rows].astype(np.float32))
 
     def labels(self, split: str | None = None) -> np.ndarray:
         """Return the class index of each row of ``split``."""
-        return self._file["labels"][:][self.indices(split)]
+        return self._read(lambda: self._file["labels"][:])[self.indices(split)]
 
     def paths(self, split: str | None = None) -> list[str]:
         """Return the dataset-relative path of each row of ``split``."""
-        return self._file["paths"].asstr()[:][self.indices(split)].tolist()
+        return self._read(lambda: self._file["paths"].asstr()[:])[self.indices(split)].tolist()
 
     def backbone_record(self) -> dict:
         """Return what a run needs to rebuild the backbone that made this cache."""
@@ -86,7 +107,31 @@ class FeatureCache:
     def require_classes(self, classes: list[str]) -> None:
         """Raise CacheError unless this cache's classes are exactly ``classes``, in order."""
         if self.classes != list(classes):
-            raise CacheError(f"cache {self.path} has classes {self.classes}, but the run expects {list(classes)}")
+            raise CacheError(f"cache {self.path} has classes {self.classes}, but the run expects {list(classes)}; "
+                             "use a cache extracted from a dataset with the run's classes")
+
+
+def hdf5_lock_failed(error: OSError) -> bool:
+    """Return whether an h5py open failed because HDF5 could not lock the file."""
+    return "unable to lock file" in str(error)
+
+
+def hdf5_error_reason(error: Exception) -> str:
+    """Return the operating system's message inside an h5py error, or its first line.
+
+    HDF5 reports a failed write as several lines with buffer addresses and offsets. Of these, a
+    user needs the ``error message = '...'`` field, for example 'No space left on device'.
+
+    Example:
+        >>> hdf5_error_reason(OSError("Can't write data (file write failed: errno = 122, "
+        ...                           "error message = 'Disk quota exceeded', buf = 0x1)"))
+        'Disk quota exceeded'
+    """
+    text = str(error)
+    match = re.search(r"error message = '([^']*)'", text)
+    if match:
+        return match.group(1)
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _open_h5(path: Path) -> h5py.File:
@@ -95,6 +140,9 @@ def _open_h5(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as error:
+        if hdf5_lock_failed(error):
+            raise CacheError(f"cannot lock {path} for reading ({error}); another program is writing it, or "
+                             "the file system has no locks (then set HDF5_USE_FILE_LOCKING=FALSE)") from error
         raise CacheError(f"{path} is not a readable HDF5 file (truncated or another format): {error}") from error
 
 
@@ -105,7 +153,10 @@ def _checked_attrs(file: h5py.File, path: Path) -> dict:
     missing = [name for name in REQUIRED_ATTRS if name not in attrs]
     if missing:
         raise CacheError(f"cache {path} lacks attribute {missing[0]!r}; recreate it with `emo extract`")
-    version = int(attrs["schema_version"])
+    try:
+        version = int(attrs["schema_version"])
+    except (TypeError, ValueError) as error:
+        raise CacheError(f"cache {path} has an invalid schema version {attrs['schema_version']!r}") from error
     if version > SCHEMA_VERSION:
         raise CacheError(f"cache {path} has schema version {version}, newer than this emo-vision "
                          f"supports ({SCHEMA_VERSION}); upgrade emo-vision")
@@ -113,7 +164,42 @@ def _checked_attrs(file: h5py.File, path: Path) -> dict:
         raise CacheError(f"cache {path} has old schema version {version}; recreate it with `emo extract`")
     if not bool(attrs["complete"]):
         raise CacheError(f"cache {path} is incomplete; rerun the same `emo extract` command to finish it")
-    for name in ("features", "labels", "split", "paths", "written"):
+    for name in ("features", *ROW_DATASETS):
         if name not in file:
             raise CacheError(f"cache {path} lacks dataset {name!r}; recreate it with `emo extract`")
     return attrs
+
+
+def _json_attrs(attrs: dict, path: Path) -> dict:
+    values = {}
+    for name in JSON_ATTRS:
+        try:
+            values[name] = json.loads(attrs[name])
+        except (TypeError, ValueError) as error:
+            raise CacheError(f"cache {path} has an invalid {name!r} attribute: {error}") from error
+    if not isinstance(values["classes"], list) or not all(isinstance(name, str) for name in values["classes"]):
+        raise CacheError(f"cache {path}: attribute 'classes' is not a list of class names")
+    if not isinstance(values["stages"], dict):
+        raise CacheError(f"cache {path}: attribute 'stages' is not a mapping of stage names to channels")
+    return values
+
+
+def _check_rows(file: h5py.File, path: Path, classes: list[str], stages: dict[str, int]) -> None:
+    """Check that every dataset has one row per image, every row is written and labels index ``classes``."""
+    rows = len(file["labels"])
+    shapes = {name: file[name].shape for name in ROW_DATASETS}
+    shapes.update({f"features/{name}": file["features"][name].shape for name in stages if name in file["features"]})
+    written = file["written"][:]
+    labels = file["labels"][:]
+    expected = {name: (rows,) for name in ROW_DATASETS}
+    expected.update({f"features/{name}": (rows, channels) for name, channels in stages.items()})
+    for name, shape in expected.items():
+        if shapes.get(name) != shape:
+            raise CacheError(f"cache {path}: dataset {name} has shape {shapes.get(name)}, expected {shape}; "
+                             "recreate it with `emo extract`")
+    if not np.all(written):
+        raise CacheError(f"cache {path} is marked complete but {np.count_nonzero(~written)} row(s) were never "
+                         "written; recreate it with `emo extract`")
+    if rows and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise CacheError(f"cache {path} has label indices outside 0..{len(classes) - 1} ({len(classes)} classes); "
+                         "recreate it with `emo extract`")

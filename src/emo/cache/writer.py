@@ -3,6 +3,13 @@ that is renamed into place only when every row has been written.
 
 A partial file whose fingerprint matches the current command is resumed; one made by a different
 command is replaced only with ``overwrite``.
+
+Crash safety rests on three rules. The partial file is built under a temporary name with every
+dataset allocated and is renamed to ``NAME.h5.partial`` only then, so a partial file always has
+its full header. After that, writes change only raw data, never HDF5 metadata. Each batch's
+features are flushed before its rows are flagged in ``written`` (and the flags flushed), so a
+process killed at any moment leaves rows that are either flagged and complete or unflagged.
+NOTE: flushes reach the operating system, not the disk; a power cut can still lose or damage rows.
 """
 
 import fcntl
@@ -15,6 +22,7 @@ import h5py
 import numpy as np
 
 from emo import __version__
+from emo.cache.reader import hdf5_error_reason, hdf5_lock_failed
 from emo.cache.schema import FORMAT_NAME, LOCK_SUFFIX, PARTIAL_SUFFIX, POOLING, SCHEMA_VERSION
 from emo.errors import CacheError
 
@@ -22,13 +30,43 @@ logger = logging.getLogger(__name__)
 
 # Rows per HDF5 chunk: large enough for fast sequential writes, small enough to read a split cheaply.
 CHUNK_ROWS = 256
+# Suffix of the file a new partial cache is built in before it is renamed to NAME.h5.partial.
+STAGING_SUFFIX = ".tmp"
+# User-facing names of the fingerprint parts, for the message that explains why a partial file is not resumed.
+FINGERPRINT_PART_NAMES = {"weights_sha256": "weights", "rows": "rows (file list, labels, split or file contents)"}
+
+
+def check_destination(path: Path, *, overwrite: bool) -> None:
+    """Raise CacheError unless a cache can be written at ``path``.
+
+    Cheap enough to call before scanning a dataset, so a wrong ``--out`` fails in seconds.
+
+    Args:
+        path: the cache file to write.
+        overwrite: whether an existing cache at ``path`` may be replaced.
+
+    Example:
+        >>> check_destination(Path("/no/such/folder/cache.h5"), overwrite=False)  # doctest: +SKIP
+        Traceback (most recent call last):
+        emo.errors.CacheError: output folder /no/such/folder does not exist; create it first
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise CacheError(f"output folder {path.parent} does not exist; create it first")
+    # os.access reports a read-only file system even for root, who otherwise may write anywhere.
+    if not os.access(path.parent, os.W_OK):
+        raise CacheError(f"output folder {path.parent} is not writable; choose another --out")
+    if path.exists() and not overwrite:
+        raise CacheError(f"cache {path} already exists; pass --overwrite to replace it "
+                         "(it is kept until the new one is complete)")
 
 
 class CacheWriter:
     """Create or resume a cache file and write pooled features into it by row index.
 
     Use as a context manager; :meth:`finish` checks that every row was written and moves the
-    partial file into place.
+    partial file into place. ``header`` contains the cache attributes, including ``fingerprint``
+    and, to explain a mismatch, ``fingerprint_parts``.
     """
 
     def __init__(self, path: Path, *, header: dict, columns: dict, stages: dict[str, int], dtype: str,
@@ -44,7 +82,7 @@ class CacheWriter:
         self.file: h5py.File | None = None
 
     def __enter__(self) -> "CacheWriter":
-        self._check_destination()
+        check_destination(self.path, overwrite=self.overwrite)
         self._acquire_lock()
         try:
             self.file = self._open_or_resume()
@@ -53,29 +91,39 @@ class CacheWriter:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self.file is not None:
-            self.file.close()
-        self._release_lock()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        try:
+            self._close(failing=exc is not None)
+        finally:
+            self._release_lock()
 
-    def _check_destination(self) -> None:
-        if not self.path.parent.is_dir():
-            raise CacheError(f"output folder {self.path.parent} does not exist; create it first")
-        if not os.access(self.path.parent, os.W_OK):
-            raise CacheError(f"output folder {self.path.parent} is not writable")
-        if self.path.exists() and not self.overwrite:
-            raise CacheError(f"cache {self.path} already exists; pass --overwrite to replace it "
-                             "(it is kept until the new one is complete)")
+    def _close(self, *, failing: bool) -> None:
+        if self.file is None:
+            return
+        file, self.file = self.file, None
+        try:
+            file.close()
+        except (OSError, ValueError) as error:
+            if not failing:
+                raise CacheError(f"closing {self.partial} failed: {hdf5_error_reason(error)}") from error
+            # Only log this one, so the error that ended the extraction is the one the user sees.
+            logger.warning("closing %s after an error failed as well: %s", self.partial, error)
 
     def _acquire_lock(self) -> None:
         lock_path = self.path.with_name(self.path.name + LOCK_SUFFIX)
-        self._lock_file = open(lock_path, "a")
+        try:
+            self._lock_file = open(lock_path, "a")
+        except OSError as error:
+            raise CacheError(f"cannot create lock file {lock_path}: {error.strerror or error}") from error
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as error:
+        except OSError as error:
             self._lock_file.close()
             self._lock_file = None
-            raise CacheError(f"cache {self.path} is in use by another `emo extract` (lock {lock_path})") from error
+            if isinstance(error, BlockingIOError):
+                raise CacheError(f"cache {self.path} is in use by another `emo extract` (lock {lock_path})") from error
+            raise CacheError(f"cannot lock {lock_path}: {error.strerror or error}; write the cache to a local "
+                             "file system") from error
 
     def _release_lock(self) -> None:
         if self._lock_file is not None:
@@ -88,38 +136,93 @@ class CacheWriter:
             file = self._try_resume()
             if file is not None:
                 return file
-        return self._create()
+        self._create()
+        return self._open_partial()
+
+    def _open_partial(self) -> h5py.File:
+        try:
+            return h5py.File(self.partial, "r+")
+        except OSError as error:
+            raise CacheError(f"cannot open {self.partial}: {hdf5_error_reason(error)}") from error
 
     def _try_resume(self) -> h5py.File | None:
+        """Open the partial file for a resume; return None when it must be rebuilt."""
         try:
             file = h5py.File(self.partial, "r+")
-        except OSError:
-            logger.warning("partial cache %s is unreadable; starting over", self.partial)
+        except OSError as error:
+            if hdf5_lock_failed(error):
+                raise CacheError(f"{self.partial} is open in another program; close it and rerun") from error
+            logger.warning("partial cache %s is unreadable (%s); starting over", self.partial, error)
             return None
-        if file.attrs.get("fingerprint") == self.header["fingerprint"] and "written" in file:
-            done = int(np.count_nonzero(file["written"][:]))
-            logger.info("resuming %s: %d of %d rows already written", self.partial, done, len(file["written"]))
-            return file
-        file.close()
+        try:
+            if file.attrs.get("fingerprint") != self.header["fingerprint"]:
+                changed = _changed_parts(file.attrs.get("fingerprint_parts"), self.header.get("fingerprint_parts"))
+                file.close()
+                self._discard_other_command(changed)
+                return None
+            problem = self._layout_problem(file)
+            done = int(np.count_nonzero(file["written"][:])) if problem is None else 0
+        except OSError as error:
+            problem = str(error)
+        if problem:
+            file.close()
+            logger.warning("partial cache %s is damaged (%s); starting over", self.partial, problem)
+            return None
+        logger.info("resuming %s: %d of %d rows already written", self.partial, done, len(file["written"]))
+        return file
+
+    def _discard_other_command(self, changed: str) -> None:
         if not self.overwrite:
-            raise CacheError(f"{self.partial} was started by a different command (other weights, image size, "
-                             "classes, files or split); pass --overwrite to discard it and start over")
-        logger.warning("discarding %s, which was started by a different command", self.partial)
+            raise CacheError(f"{self.partial} was started by a different command ({changed}); pass --overwrite "
+                             "to discard it and start over, or rerun the command that started it")
+        logger.warning("discarding %s, which was started by a different command (%s)", self.partial, changed)
+        # Free its space before the new file is built next to it.
+        self.partial.unlink()
+
+    def _layout_problem(self, file: h5py.File) -> str | None:
+        rows = len(self.columns["labels"])
+        for name in ("labels", "split", "paths", "sha256", "written"):
+            if name not in file or file[name].shape != (rows,):
+                return f"dataset {name!r} is missing or does not have {rows} rows"
+        for name, channels in self.stages.items():
+            if f"features/{name}" not in file or file["features"][name].shape != (rows, channels):
+                return f"dataset features/{name} is missing or does not have shape ({rows}, {channels})"
         return None
 
-    def _create(self) -> h5py.File:
+    def _create(self) -> None:
+        """Build the partial file under a temporary name and rename it to ``self.partial``."""
+        staging = self.partial.with_name(self.partial.name + STAGING_SUFFIX)
+        try:
+            with h5py.File(staging, "w") as file:
+                self._create_layout(file)
+            os.replace(staging, self.partial)
+        # h5py raises ValueError when HDF5 cannot create a dataset, for example on a full disk.
+        except (OSError, ValueError) as error:
+            staging.unlink(missing_ok=True)
+            if hdf5_lock_failed(error):
+                raise CacheError(f"creating {self.partial} failed: HDF5 cannot lock files in {self.path.parent}; "
+                                 "set HDF5_USE_FILE_LOCKING=FALSE or choose another --out") from error
+            raise CacheError(f"creating {self.partial} failed: {hdf5_error_reason(error)}. The cache needs about "
+                             f"{self._size_estimate() / 1e6:.1f} MB; free space or choose another --out") from error
+
+    def _create_layout(self, file: h5py.File) -> None:
         rows = len(self.columns["labels"])
-        file = h5py.File(self.partial, "w")
         features = file.create_group("features")
         for name, channels in self.stages.items():
+            # Allocating every chunk now and writing zeros into it makes a full disk fail here,
+            # before any forward pass. Later writes then never change the file's chunk index.
             features.create_dataset(name, shape=(rows, channels), dtype=self.dtype,
-                                    chunks=(min(CHUNK_ROWS, max(rows, 1)), channels))
+                                    chunks=(min(CHUNK_ROWS, max(rows, 1)), channels), dcpl=_early_allocation(),
+                                    fillvalue=0, fill_time="alloc")
         file.create_dataset("labels", data=np.asarray(self.columns["labels"], dtype=np.int64))
         for name in ("split", "paths", "sha256"):
             file.create_dataset(name, data=np.asarray(self.columns[name], dtype=object), dtype=h5py.string_dtype())
         file.create_dataset("written", data=np.zeros(rows, dtype=bool))
         self._write_header(file)
-        return file
+
+    def _size_estimate(self) -> int:
+        rows = len(self.columns["labels"])
+        return rows * sum(self.stages.values()) * np.dtype(self.dtype).itemsize
 
     def _write_header(self, file: h5py.File) -> None:
         attrs = {
@@ -135,23 +238,58 @@ class CacheWriter:
         return np.flatnonzero(~self.file["written"][:])
 
     def write(self, rows: np.ndarray, pooled: dict[str, np.ndarray]) -> None:
-        """Write the pooled features of ``rows`` (increasing indices) and mark the rows written."""
-        selection = _as_selection(rows)
+        """Write the pooled features of ``rows`` (increasing indices) and mark the rows written.
+
+        Raises:
+            CacheError: if a value cannot be stored, or the file cannot be written (disk full,
+                I/O error). Rows written before stay in the partial file for a resume.
+        """
         for name, values in pooled.items():
             _check_representable(name, values, self.dtype)
-            self.file["features"][name][selection] = values.astype(self.dtype, copy=False)
-        # Mark rows only after their features are in the file, so a crash never marks an empty row.
-        self.file["written"][selection] = True
+        selection = _as_selection(rows)
+        try:
+            for name, values in pooled.items():
+                self.file["features"][name][selection] = values.astype(self.dtype, copy=False)
+            # Features reach the file before their rows are flagged, so a kill between the two
+            # flushes leaves the rows unflagged and a resume recomputes them.
+            self.file.flush()
+            self.file["written"][selection] = True
+            self.file.flush()
+        except (OSError, ValueError) as error:
+            raise CacheError(f"writing rows to {self.partial} failed: {hdf5_error_reason(error)}. Rows written before are kept; "
+                             "fix the cause (for example free disk space) and rerun the same command to resume") from error
 
     def finish(self) -> None:
         """Check that every row was written, mark the cache complete and move it into place."""
         missing = self.pending_rows()
         if len(missing):
             raise CacheError(f"{len(missing)} row(s) of {self.partial} were never written, e.g. row {missing[0]}")
-        self.file.attrs["complete"] = True
-        self.file.close()
-        self.file = None
-        os.replace(self.partial, self.path)
+        try:
+            self.file.attrs["complete"] = True
+            self._close(failing=False)
+            os.replace(self.partial, self.path)
+        except (OSError, ValueError) as error:
+            raise CacheError(f"finishing {self.partial} as {self.path} failed: {hdf5_error_reason(error)}") from error
+
+
+def _early_allocation() -> h5py.h5p.PropDCID:
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    return dcpl
+
+
+def _changed_parts(recorded: str | None, requested: dict | None) -> str:
+    """Name the fingerprint parts that differ between a partial file (JSON text) and the current command."""
+    try:
+        recorded = json.loads(recorded)
+    except (TypeError, ValueError):
+        recorded = None
+    if not isinstance(recorded, dict) or not isinstance(requested, dict):
+        return "other weights, image size, classes, files or split"
+    names = sorted(key for key in set(recorded) | set(requested) if recorded.get(key) != requested.get(key))
+    if not names:
+        return "another fingerprint"
+    return "differs in " + ", ".join(FINGERPRINT_PART_NAMES.get(name, name) for name in names)
 
 
 def _check_representable(stage: str, values: np.ndarray, dtype: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from emo.data.csvfile import read_csv_rows
+from emo.data.csvfile import read_csv_records
 from emo.data.images import BadImageError, check_image
 from emo.errors import DataError
 
@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 HIDDEN_NAMES = {"Thumbs.db", "desktop.ini", "__MACOSX"}
+# Folder links are reported instead of followed: they can loop or lead out of the dataset.
+LINKED_FOLDER = "symlinked folder; emo-vision does not follow folder links, move the images into the dataset"
 
 
 @dataclass(frozen=True)
@@ -83,14 +85,18 @@ def find_samples(data: Path, *, labels_csv: Path | None = None, path_column: str
 
 
 def _walk_image_folder(root: Path) -> tuple[list[Sample], list[BadImageError]]:
-    class_dirs = sorted((entry for entry in os.scandir(root) if entry.is_dir() and not is_hidden(entry.name)),
-                        key=lambda entry: entry.name)
-    if not class_dirs:
+    entries = sorted((entry for entry in os.scandir(root) if entry.is_dir() and not is_hidden(entry.name)),
+                     key=lambda entry: entry.name)
+    bad = [BadImageError(Path(entry.path), LINKED_FOLDER) for entry in entries if entry.is_symlink()]
+    class_dirs = [entry for entry in entries if not entry.is_symlink()]
+    if not class_dirs and not bad:
         raise DataError(f"{root} has no class folders; an ImageFolder dataset has one sub-folder per class")
-    samples, bad = [], []
+    samples = []
     for entry in class_dirs:
+        known_bad = len(bad)
         found = _walk_class_folder(root, Path(entry.path), bad)
-        if not found:
+        # A folder whose only files are unusable is reported with them rather than as empty.
+        if not found and len(bad) == known_bad:
             raise DataError(f"class folder {entry.path} contains no images; remove it or add images")
         samples += [Sample(relpath, entry.name) for relpath in found]
     return samples, bad
@@ -99,14 +105,17 @@ def _walk_image_folder(root: Path) -> tuple[list[Sample], list[BadImageError]]:
 def _walk_class_folder(root: Path, folder: Path, bad: list) -> list[str]:
     real_root = root.resolve()
     found = []
-    # followlinks=False: a linked folder could loop or leave the dataset; linked files are checked below.
+    # followlinks=False: os.walk then lists a linked folder in dirnames without entering it.
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = sorted(name for name in dirnames if not is_hidden(name))
+        linked = sorted(name for name in dirnames if not is_hidden(name) and (Path(dirpath) / name).is_symlink())
+        bad += [BadImageError(Path(dirpath) / name, LINKED_FOLDER) for name in linked]
+        dirnames[:] = sorted(name for name in dirnames if not is_hidden(name) and name not in linked)
         for name in sorted(filenames):
             path = Path(dirpath) / name
             if is_hidden(name) or path.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
-            problem = _link_problem(path, real_root)
+            # os.walk enters no linked folder, so only a linked file can lead out of the dataset.
+            problem = _link_problem(path, real_root) if path.is_symlink() else None
             if problem:
                 bad.append(BadImageError(path, problem))
                 continue
@@ -115,8 +124,7 @@ def _walk_class_folder(root: Path, folder: Path, bad: list) -> list[str]:
 
 
 def _link_problem(path: Path, real_root: Path) -> str | None:
-    if not path.is_symlink():
-        return None
+    """Return why ``path`` is unusable if a link on its way is broken, loops or leads out of ``real_root``."""
     try:
         target = path.resolve(strict=True)
     except (OSError, RuntimeError):
@@ -128,44 +136,53 @@ def _link_problem(path: Path, real_root: Path) -> str | None:
 
 def _read_manifest(csv_path: Path, root: Path, path_column: str,
                    label_column: str) -> tuple[list[Sample], list[BadImageError]]:
-    rows = read_csv_rows(csv_path, [path_column, label_column])
+    records = read_csv_records(csv_path, [path_column, label_column])
     samples, bad, seen = [], [], {}
     real_root = root.resolve()
-    for line, row in enumerate(rows, start=2):
-        relpath, label = row[path_column].strip(), row[label_column].strip()
-        _check_manifest_row(csv_path, line, relpath, label, seen)
+    for line, row in records:
+        relpath = _checked_manifest_path(csv_path, line, row[path_column].strip(), seen)
+        label = row[label_column].strip()
+        if not label:
+            raise DataError(f"{csv_path}, line {line}: empty label for {relpath!r}")
         path = root / relpath
         problem = _manifest_path_problem(path, real_root)
         if problem:
             bad.append(BadImageError(path, problem))
         else:
-            samples.append(Sample(Path(relpath).as_posix(), label))
+            samples.append(Sample(relpath, label))
     if not samples and not bad:
         raise DataError(f"manifest {csv_path} has no rows")
     return samples, bad
 
 
-def _check_manifest_row(csv_path: Path, line: int, relpath: str, label: str, seen: dict) -> None:
+def _checked_manifest_path(csv_path: Path, line: int, text: str, seen: dict[str, int]) -> str:
+    """Return the manifest path ``text`` in normal form (``a//b`` and ``./a/b`` become ``a/b``)."""
     where = f"{csv_path}, line {line}"
-    if not relpath:
+    if not text:
         raise DataError(f"{where}: empty path")
-    if not label:
-        raise DataError(f"{where}: empty label for {relpath!r}")
+    if "\x00" in text:
+        raise DataError(f"{where}: path {text!r} contains a NUL character")
+    relpath = Path(text).as_posix()
     if Path(relpath).is_absolute() or ".." in Path(relpath).parts:
-        raise DataError(f"{where}: path {relpath!r} must be relative to the dataset root, without '..'")
+        raise DataError(f"{where}: path {text!r} must be relative to the dataset root, without '..'")
     if relpath in seen:
         raise DataError(f"{where}: duplicate path {relpath!r} (first on line {seen[relpath]})")
     seen[relpath] = line
+    return relpath
 
 
 def _manifest_path_problem(path: Path, real_root: Path) -> str | None:
-    if not path.exists() and not path.is_symlink():
-        return "file not found"
-    problem = _link_problem(path, real_root)
-    if problem:
-        return problem
-    if not path.is_file():
-        return "not a regular file"
+    try:
+        if not path.exists() and not path.is_symlink():
+            return "file not found"
+        # Resolving the whole path also catches a linked folder inside the root that leads out of it.
+        problem = _link_problem(path, real_root)
+        if problem:
+            return problem
+        if not path.is_file():
+            return "not a regular file"
+    except OSError as error:  # For example ENAMETOOLONG, which pathlib does not treat as "missing".
+        return f"cannot access ({error.strerror or error})"
     return None
 
 

@@ -82,22 +82,50 @@ def write_split_csv(path: Path, *, relpaths: list[str], labels: list[str], split
         writer.writerows(zip(relpaths, labels, split, sha256))
 
 
-def read_split_csv(path: Path, relpaths: list[str]) -> list[str]:
+def read_split_csv(path: Path, relpaths: list[str], *, labels: list[str] | None = None) -> list[str]:
     """Read a split file and return the split of each of ``relpaths``, in their order.
 
+    Rows for paths not in ``relpaths`` are ignored (for example files left out with --skip-bad).
+
+    Args:
+        path: a CSV with columns ``path`` and ``split``, and optionally ``label``.
+        relpaths: the dataset-relative paths of the samples.
+        labels: the label of each sample; when given and the file has a ``label`` column, every
+            sample's label must match the file's.
+
     Raises:
-        DataError: if the file lacks a column, names an unknown split, or does not cover exactly
-            the given samples.
+        DataError: if the file lacks a column, names an unknown split, repeats a path, does not
+            cover exactly the given samples, or gives a sample another label.
     """
     rows = read_csv_rows(Path(path), ["path", "split"])
-    given = {}
+    given, recorded_labels, lines = {}, {}, {}
     for line, row in enumerate(rows, start=2):
-        name = row["split"].strip()
+        relpath, name = (row["path"] or "").strip(), (row["split"] or "").strip()
         if name not in SPLITS:
             raise DataError(f"{path}, line {line}: split {name!r} is not one of {', '.join(SPLITS)}")
-        given[row["path"].strip()] = name
+        if relpath in given:
+            raise DataError(f"{path}, line {line}: duplicate path {relpath!r} (first on line {lines[relpath]})")
+        given[relpath], lines[relpath] = name, line
+        if row.get("label") is not None:
+            recorded_labels[relpath] = row["label"].strip()
     missing = [relpath for relpath in relpaths if relpath not in given]
     if missing:
         raise DataError(f"split file {path} has no row for {len(missing)} sample(s), e.g. {missing[0]!r}; "
                         "regenerate it or drop --split-file")
+    if labels is not None:
+        _check_split_labels(path, relpaths, labels, recorded_labels, lines)
     return [given[relpath] for relpath in relpaths]
+
+
+def _check_split_labels(path: Path, relpaths: list[str], labels: list[str], recorded: dict[str, str],
+                        lines: dict[str, int]) -> None:
+    """Raise DataError if the split file gives a sample a label other than the dataset's.
+
+    A split stratified for other labels would no longer be stratified, and a label outside the
+    dataset's classes means the file belongs to another dataset.
+    """
+    for relpath, label in zip(relpaths, labels):
+        other = recorded.get(relpath)
+        if other is not None and other != label:
+            raise DataError(f"{path}, line {lines[relpath]}: {relpath!r} has label {other!r}, but the dataset "
+                            f"labels it {label!r}; regenerate the split file for this dataset or drop --split-file")

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from emo.cache.reader import FeatureCache
+from emo import runs
 from emo.data.sampling import make_sampler
-from emo.errors import CacheError
+from emo.errors import CacheError, TrainingError
 from emo.evaluate.metrics import compute_metrics
 from emo.heads.config import FitHeadsConfig
 from emo.heads.model import StackedHeads
@@ -63,12 +64,14 @@ def fit_heads(config: FitHeadsConfig) -> dict:
         >>> fit_heads(FitHeadsConfig(cache=Path("e6.h5"), out=Path("runs/heads")))  # doctest: +SKIP
     """
     start = time.perf_counter()
+    runs.check_run_destination(config.out, overwrite=config.overwrite)
     with FeatureCache(config.cache) as cache:
         _check_stages(cache, config.stages)
         splits = {name: load_split(cache, name, config.stages) for name in ("train", "val", "test")}
         classes, backbone = cache.classes, cache.backbone_record()
         channels = {name: cache.stages[name] for name in config.stages}
     _check_training_labels(splits["train"].labels, classes, config.cache)
+    _check_finite(splits, config.cache)
 
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -105,6 +108,14 @@ def _check_training_labels(labels: torch.Tensor, classes: list[str], path: Path)
                          "the heads need every class in the train split")
 
 
+def _check_finite(splits: dict[str, SplitData], path: Path) -> None:
+    for split, data in splits.items():
+        for name, values in data.features.items():
+            if not torch.isfinite(values).all():
+                raise CacheError(f"cache {path} has NaN or infinite {name} features in the {split} split; "
+                                 "recreate it with `emo extract`")
+
+
 def epoch_batches(labels: torch.Tensor, config: FitHeadsConfig, generator: torch.Generator) -> list[torch.Tensor]:
     """Return the row indices of each mini-batch of one training epoch."""
     order = torch.tensor(list(make_sampler(labels.numpy(), config.sampling, generator)))
@@ -125,7 +136,7 @@ def train_branches(model: StackedHeads, splits: dict[str, SplitData], config: Fi
 
     for epoch in tqdm(range(1, config.epochs + 1), desc="branches", unit="epoch", leave=False):
         started = time.perf_counter()
-        loss = _train_epoch(model, splits["train"], config, generator, optimizer, stacked=False)
+        loss = _train_epoch(model, splits["train"], config, generator, optimizer, stacked=False, epoch=epoch)
         scores = _branch_scores(model, splits["val"])
         for name, (accuracy, val_loss) in scores.items():
             if (accuracy, -val_loss) > (best[name][0], -best[name][1]):
@@ -150,7 +161,7 @@ def train_stacking(model: StackedHeads, splits: dict[str, SplitData], config: Fi
 
     for epoch in tqdm(range(1, config.stack_epochs + 1), desc="stacking", unit="epoch", leave=False):
         started = time.perf_counter()
-        loss = _train_epoch(model, splits["train"], config, generator, optimizer, stacked=True)
+        loss = _train_epoch(model, splits["train"], config, generator, optimizer, stacked=True, epoch=epoch)
         score = _stacked_score(model, splits["val"])
         if (score[0], -score[1]) > (best_score[0], -best_score[1]):
             best_score, best_state = score, copy.deepcopy(model.state_dict())
@@ -164,13 +175,18 @@ def train_stacking(model: StackedHeads, splits: dict[str, SplitData], config: Fi
 
 
 def _train_epoch(model: StackedHeads, train: SplitData, config: FitHeadsConfig, generator: torch.Generator,
-                 optimizer: torch.optim.Optimizer, *, stacked: bool) -> float:
+                 optimizer: torch.optim.Optimizer, *, stacked: bool, epoch: int) -> float:
     model.train()
     total, count = 0.0, 0
     for index in epoch_batches(train.labels, config, generator):
         features, labels = train.batch(index)
         logits = model.branch_logits(features)  # {stage: [B, K]}
         loss = _stacked_loss(model, logits, labels) if stacked else _branches_loss(logits, labels)
+        if not torch.isfinite(loss):
+            phase = "stacking" if stacked else "branch"
+            raise TrainingError(f"the training loss became {loss.item()} in epoch {epoch} of {phase} training; "
+                                f"stopped without writing a run, so {config.out} is unchanged. Lower --lr "
+                                f"(now {config.lr:g}) and rerun")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
