@@ -22,3 +22,7 @@ class WeightsError(EmoError):
 
 class RunError(EmoError):
     """A run directory is missing, incomplete or inconsistent."""
+
+
+class TrainingError(EmoError):
+    """Training cannot continue, e.g. because the loss became NaN or infinite."""
