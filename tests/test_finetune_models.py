@@ -13,7 +13,7 @@ from emo.finetune.data import MergedTailBatchSampler, prepare_data, split_images
 from emo.finetune.models import build_model
 from emo.finetune.runtime import Runtime
 from emo.finetune.steps import apply_step, build_optimizer, has_prefix, trainable_count, variant_steps
-from emo.finetune.train import train_epoch
+from emo.finetune.loop import train_epoch
 
 NUM_CLASSES = 3
 

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-import emo.finetune.train as train_module
+import emo.finetune.loop as loop_module
 from emo import runs
 from emo.backbone import build_resnet
 from emo.cli import main
@@ -54,7 +54,7 @@ class Killed(Exception):
 
 def kill_after(monkeypatch, step_name: str, epoch: int) -> None:
     """Make the next fine-tuning run stop right after writing the checkpoint of ``step_name``, ``epoch``."""
-    real_save = train_module.save_checkpoint
+    real_save = loop_module.save_checkpoint
 
     def save_then_stop(run_dir, **kwargs):
         path = real_save(run_dir, **kwargs)
@@ -62,7 +62,7 @@ def kill_after(monkeypatch, step_name: str, epoch: int) -> None:
             raise Killed()
         return path
 
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_stop)
 
 
 def assert_same_state(first: Path, second: Path) -> None:
@@ -280,7 +280,7 @@ def test_checkpoint_written_each_epoch(ft_interrupted_run):
 
 def test_interrupted_run_needs_resume_or_overwrite(ft_interrupted_run, ft_images, tmp_path):
     run_dir = copy_run(ft_interrupted_run, tmp_path / "run")
-    with pytest.raises(RunError, match="holds an interrupted run"):
+    with pytest.raises(RunError, match="contains an interrupted run"):
         finetune(tiny_config(ft_images, run_dir, "fc", epochs=2))
     finetune(tiny_config(ft_images, run_dir, "fc", epochs=2, overwrite=True))
     assert len(read_history(run_dir)) == 2
@@ -331,7 +331,7 @@ def test_resume_of_finished_run(ft_images, tmp_path):
 
 def test_finished_run_needs_overwrite(ft_images, tmp_path):
     finetune(tiny_config(ft_images, tmp_path / "run", "fc"))
-    with pytest.raises(RunError, match="already holds a finished run"):
+    with pytest.raises(RunError, match="already (holds|contains) a finished run"):
         finetune(tiny_config(ft_images, tmp_path / "run", "fc"))
 
 
@@ -348,7 +348,7 @@ def test_resume_rejects_foreign_checkpoint(ft_images, tmp_path):
 
 def poison_after_checkpoint(monkeypatch, epoch: int) -> None:
     """Set the classifier weights to NaN right after the checkpoint of ``epoch``, as a diverging run would."""
-    real_save = train_module.save_checkpoint
+    real_save = loop_module.save_checkpoint
 
     def save_then_poison(run_dir, **kwargs):
         path = real_save(run_dir, **kwargs)
@@ -357,7 +357,7 @@ def poison_after_checkpoint(monkeypatch, epoch: int) -> None:
                 kwargs["model"].fc.weight.fill_(float("nan"))
         return path
 
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_poison)
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_poison)
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(ft_images, tmp_path, monkeypatch):
@@ -376,7 +376,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(ft_images, tmp_path, monkeypat
 
 
 def test_nan_val_loss_stops_before_checkpoint(ft_images, tmp_path, monkeypatch):
-    real_train_epoch = train_module.train_epoch
+    real_train_epoch = loop_module.train_epoch
 
     def train_then_poison(model, *args, **kwargs):
         loss = real_train_epoch(model, *args, **kwargs)
@@ -384,7 +384,7 @@ def test_nan_val_loss_stops_before_checkpoint(ft_images, tmp_path, monkeypatch):
             model.fc.bias.fill_(float("inf"))
         return loss
 
-    monkeypatch.setattr(train_module, "train_epoch", train_then_poison)
+    monkeypatch.setattr(loop_module, "train_epoch", train_then_poison)
     with pytest.raises(TrainingError, match="val loss became nan after train, epoch 1/1") as error:
         finetune(tiny_config(ft_images, tmp_path / "run", "fc"))
     assert "No epoch had finished, so there is no checkpoint" in str(error.value)

@@ -139,12 +139,20 @@ def fit_heads(**options) -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace a finished or interrupted run in --out.")
 def finetune(**options) -> None:
-    """Fine-tune a ResNet variant end to end on the images in DATA."""
+    """Fine-tune a ResNet variant end to end on the images in DATA.
+
+    Under `torchrun --nproc_per_node=N -m emo.cli finetune ...` the N processes share each
+    mini-batch (DDP); only the first one logs and writes the run.
+    """
     from emo.evaluate.metrics import format_table
     from emo.finetune import FinetuneConfig, finetune as run_finetune
+    from emo.finetune.distributed import silence_other_ranks
 
+    silence_other_ranks()
     config = _run(FinetuneConfig, **options)
     metrics = _run(run_finetune, config)
+    if not metrics:  # a rank other than 0 of a torchrun job
+        return
     click.echo(format_table(metrics["models"]))
     trainable = ", ".join(f"{step} {count:,}" for step, count in metrics["trainable_parameters"].items())
     click.echo(f"trainable parameters: {trainable}; {metrics['minutes_per_epoch']:.2f} min per epoch")

@@ -1,6 +1,6 @@
 """The per-epoch checkpoint of a fine-tuning run, and the random-number state it carries.
 
-``checkpoint.pt`` holds everything that decides the remaining epochs: the model, the optimizer,
+``checkpoint.pt`` contains everything that decides the remaining epochs: the model, the optimizer,
 the best epoch so far and its weights, the history, and the state of every random-number
 generator training draws from (the global torch, CUDA, NumPy and Python generators, the sampler's
 generator and the generator of the worker seeds). Restoring it continues a killed run with the
@@ -39,7 +39,7 @@ class Best:
 
 @dataclass
 class Progress:
-    """Where training stands: the step, the last finished epoch of that step, and what came before."""
+    """Training progress: the step, the last finished epoch of that step, the best epoch and the history."""
 
     step: int = 0
     epoch: int = 0

@@ -28,7 +28,7 @@ RESUMABLE_CHANGES = ("out", "device", "workers", "resume", "overwrite")
 class FinetuneConfig:
     """Everything ``emo finetune`` needs; the CLI maps its options onto these fields.
 
-    ``epochs`` is the length of the only training step, or of step 1 of ``ensemble``;
+    ``epochs`` is the length of the only training step, or of step 1 of ``ensemble``.
     ``stack_epochs`` is the length of step 2 of ``ensemble`` (branches and combining weights).
     ``precision`` and ``channels_last`` apply on CUDA only; on the CPU training runs in float32.
     """

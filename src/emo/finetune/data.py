@@ -17,6 +17,7 @@ from emo.data.split import SPLITS, make_split, read_split_csv, write_split_csv
 from emo.data.transforms import eval_transform, resize_size, train_transform
 from emo.errors import DataError, RunError
 from emo.finetune.config import FinetuneConfig
+from emo.finetune.distributed import Distributed, ShardedBatchSampler
 
 logger = logging.getLogger(__name__)
 
@@ -110,49 +111,59 @@ def read_run_split(run_dir: Path, root: Path, classes: list[str], part: str) -> 
 
 
 class MergedTailBatchSampler(Sampler[list[int]]):
-    """Mini-batches of ``batch_size`` indices where a last batch of one joins the batch before it.
+    """Mini-batches of ``batch_size`` indices where a last batch under ``min_size`` joins the batch before it.
 
     BatchNorm in training mode cannot normalize one value per channel, which a batch of one
-    image gives wherever a feature map is 1x1 (layer4 at small image sizes, or pooled branches).
+    image gives wherever a feature map is 1x1 (layer4 at small image sizes). Under DDP each of
+    W ranks gets a share of every batch, so ``min_size`` is 2 W there.
 
     Example:
         >>> [len(batch) for batch in MergedTailBatchSampler(range(9), 4)]
         [4, 5]
     """
 
-    def __init__(self, sampler, batch_size: int):
+    def __init__(self, sampler, batch_size: int, *, min_size: int = 2):
         self.sampler = sampler
         self.batch_size = batch_size
+        self.min_size = min_size
 
     def __iter__(self):
         batches = list(BatchSampler(self.sampler, self.batch_size, drop_last=False))
-        if len(batches) > 1 and len(batches[-1]) == 1:
+        if len(batches) > 1 and len(batches[-1]) < self.min_size:
             last = batches.pop()
             batches[-1] = batches[-1] + last
         return iter(batches)
 
     def __len__(self) -> int:
         full, rest = divmod(len(self.sampler), self.batch_size)
-        return full + (rest > 1 or (rest == 1 and full == 0))
+        if rest == 0:
+            return full
+        return full + (rest >= self.min_size or full == 0)
 
 
 def train_loader(images: SplitImages, config: FinetuneConfig, *, sampler_generator: torch.Generator,
-                 loader_generator: torch.Generator) -> DataLoader:
+                 loader_generator: torch.Generator, pin_memory: bool = False,
+                 distributed: Distributed = Distributed()) -> DataLoader:
     """Return the training loader: random resized crops and flips, weighted or shuffled order.
 
     ``sampler_generator`` draws the order of the samples; ``loader_generator`` draws the base
-    seed of the worker processes each epoch. Both belong to the run's checkpoint.
+    seed of the worker processes each epoch. Both belong to the run's checkpoint. Under DDP the
+    loader yields this rank's share of each mini-batch.
     """
     sampler = make_sampler(np.asarray(images.labels), config.sampling, sampler_generator)
     dataset = ImageFiles(images.paths, images.labels, train_transform(config.image_size),
                          draft_size=resize_size(config.image_size))
-    return DataLoader(dataset, batch_sampler=MergedTailBatchSampler(sampler, config.batch_size),
-                      num_workers=config.workers, generator=loader_generator, pin_memory=torch.cuda.is_available())
+    batches = MergedTailBatchSampler(sampler, config.batch_size, min_size=2 * distributed.world_size)
+    if distributed.enabled:
+        batches = ShardedBatchSampler(batches, distributed)
+    return DataLoader(dataset, batch_sampler=batches,
+                      num_workers=config.workers, generator=loader_generator, pin_memory=pin_memory)
 
 
-def eval_loader(images: SplitImages, *, image_size: int, batch_size: int, workers: int) -> DataLoader:
+def eval_loader(images: SplitImages, *, image_size: int, batch_size: int, workers: int,
+                pin_memory: bool = False) -> DataLoader:
     """Return a loader over ``images`` in order, with the evaluation transform of ``emo extract``."""
     dataset = ImageFiles(images.paths, images.labels, eval_transform(image_size), draft_size=resize_size(image_size))
     # Its own generator, so that evaluating never draws from the global RNG that training uses.
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      generator=torch.Generator().manual_seed(0), pin_memory=torch.cuda.is_available())
+                      generator=torch.Generator().manual_seed(0), pin_memory=pin_memory)

@@ -88,7 +88,7 @@ def evaluate_finetune_run(run_dir: Path, settings: dict, *, split: str = "test",
     model = load_finetune_model({**settings, "run_dir": str(run_dir)})
     model = model.to(runtime.device, memory_format=runtime.memory_format)
     loader = eval_loader(images, image_size=settings["backbone"]["image_size"], batch_size=config["batch_size"],
-                         workers=config["workers"])
+                         workers=config["workers"], pin_memory=runtime.pin_memory)
     logits, labels = predict_logits(model, loader, runtime, desc=split)
     metrics = metrics_from_logits(model, logits, labels, settings["classes"])
     metrics.update(settings.get("training", {}))

@@ -75,8 +75,9 @@ class ClassifierNet(FinetuneNet):
 def add_block_dropout(layer: nn.Sequential, p: float) -> None:
     """Insert ``Dropout2d(p)`` into every residual block of ``layer``, before its last convolution.
 
-    In a bottleneck block this is between the 3x3 convolution (after its BatchNorm and ReLU) and
-    the following 1x1 convolution; in a basic block, between the two 3x3 convolutions. The
+    In a bottleneck block the dropout sits between the 3x3 convolution (after its BatchNorm and
+    ReLU) and the following 1x1 convolution. In a basic block it sits between the two 3x3
+    convolutions. The
     dropout becomes element 0 of an ``nn.Sequential`` that replaces the convolution, so the
     convolution's state-dict keys gain a ``.1`` (``conv3.weight`` -> ``conv3.1.weight``).
     """

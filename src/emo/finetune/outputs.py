@@ -1,7 +1,7 @@
 """Files of a fine-tuned run (see :mod:`emo.runs` for the layout) and rebuilding its model.
 
-Besides the common files, a fine-tuned run holds ``split.csv`` (the split it was trained and
-evaluated on) and ``checkpoint.pt`` (the state after the last finished epoch, see
+Besides the common files, a fine-tuned run contains ``split.csv``, the split it was trained and
+evaluated on, and ``checkpoint.pt``, the state after the last finished epoch (see
 :mod:`emo.finetune.checkpoint`). ``config.json`` also records the dataset root, the model
 name and, once training has finished, a ``training`` summary (trainable parameters per step,
 mean minutes per epoch, best epochs).
@@ -65,15 +65,15 @@ def load_finetune_model(settings: dict, *, weights: str | None = None) -> Finetu
     Args:
         settings: the run's config.json with ``classes`` and ``run_dir`` added
             (as :func:`emo.predict.build_classifier` passes them).
-        weights: a state dict file to load instead of the run's ``model.pt``; a
-            ``checkpoint.pt`` of the run and files saved from ``nn.DataParallel`` or DDP
-            (keys prefixed ``module.``) load too.
+        weights: a state dict file to load instead of the run's ``model.pt``. The run's
+            ``checkpoint.pt`` loads too, and so do files saved from ``nn.DataParallel`` or DDP,
+            whose keys start with ``module.``.
 
     Raises:
         WeightsError: if ``weights`` is not a file or does not fit the run's model.
     """
     if weights in ("imagenet", "random"):
-        raise WeightsError(f"--weights {weights} does not apply to a fine-tuned run, whose model.pt holds every "
+        raise WeightsError(f"--weights {weights} does not apply to a fine-tuned run, whose model.pt contains every "
                            "weight; pass the path of a state dict of this run's model, or leave --weights out")
     path = Path(weights) if weights is not None else Path(settings["run_dir"]) / "model.pt"
     if not path.is_file():

@@ -1,4 +1,4 @@
-"""Where and how a fine-tuned model runs: device, bf16 autocast and channels-last memory format."""
+"""The runtime settings of a fine-tuned model: device, bf16 autocast and channels-last memory format."""
 
 import contextlib
 import logging
@@ -37,6 +37,11 @@ class Runtime:
         """Return e.g. ``cuda:0, bf16 autocast, channels-last`` or ``cpu, float32``."""
         parts = [str(self.device), "bf16 autocast" if self.bf16 else "float32"]
         return ", ".join(parts + (["channels-last"] if self.channels_last else []))
+
+    @property
+    def pin_memory(self) -> bool:
+        """Whether data loaders should pin their batches, which speeds up copies to CUDA."""
+        return self.device.type == "cuda"
 
     @property
     def memory_format(self) -> torch.memory_format:

@@ -52,7 +52,7 @@ def variant_steps(config: FinetuneConfig, model: FinetuneNet) -> list[TrainingSt
     }
     if config.variant in one_step:
         return [TrainingStep("train", one_step[config.variant], primary, config.epochs)]
-    # ensemble: step 1 trains the ResNet and every branch on the sum of the branch losses; step 2
+    # ensemble: step 1 trains the ResNet and every branch on the sum of the branch losses. Step 2
     # trains only the branches and the combining weights on the loss of the combined output.
     return [
         TrainingStep("step1", (*PRETRAINED_MODULES, "branches"), STAGE_NAMES, config.epochs),
