@@ -1,5 +1,6 @@
 """Fine-tuning building blocks: variant models, training steps, optimizer, batches, config, runtime."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -10,10 +11,11 @@ from torch import nn
 from emo.backbone import build_resnet
 from emo.finetune.config import VARIANTS, FinetuneConfig
 from emo.finetune.data import MergedTailBatchSampler, prepare_data, split_images, train_loader
+from emo.finetune.evaluate import predict_logits
+from emo.finetune.loop import train_epoch
 from emo.finetune.models import build_model
 from emo.finetune.runtime import Runtime
 from emo.finetune.steps import apply_step, build_optimizer, has_prefix, trainable_count, variant_steps
-from emo.finetune.loop import train_epoch
 
 NUM_CLASSES = 3
 
@@ -28,6 +30,13 @@ def make_config(variant: str, **overrides) -> FinetuneConfig:
 def make_model(variant: str, arch: str = "resnet18"):
     resnet, _ = build_resnet(arch, "random", seed=0)
     return build_model(variant, resnet, NUM_CLASSES, arch=arch, dropout=0.5, seed=0)
+
+
+def tiny_train_loader(config: FinetuneConfig):
+    dataset, split = prepare_data(config, split_file=None)
+    return train_loader(split_images(dataset, split, "train"), config,
+                        sampler_generator=torch.Generator().manual_seed(0),
+                        loader_generator=torch.Generator().manual_seed(1))
 
 
 def parameter_count(module: nn.Module) -> int:
@@ -196,10 +205,7 @@ def test_epoch_changes_exactly_the_trained_parameters(ft_images, variant, step_i
     config = make_config(variant, data=ft_images)
     model = make_model(variant)
     step = variant_steps(config, model)[step_index]
-    dataset, split = prepare_data(config, split_file=None)
-    loader = train_loader(split_images(dataset, split, "train"), config,
-                          sampler_generator=torch.Generator().manual_seed(0),
-                          loader_generator=torch.Generator().manual_seed(1))
+    loader = tiny_train_loader(config)
     before = {name: value.clone() for name, value in model.state_dict().items()}
 
     apply_step(model, step)
@@ -211,16 +217,31 @@ def test_epoch_changes_exactly_the_trained_parameters(ft_images, variant, step_i
     assert changed == {name for name in before if has_prefix(name, step.trainable)}
 
 
+@pytest.mark.parametrize("variant", ["skip", "ensemble"])
+def test_bf16_channels_last_epoch(ft_images, variant):
+    # On CUDA, training runs under bf16 autocast with channels-last tensors; the CPU supports both,
+    # so the dtype handling of the mixing layers runs here too.
+    runtime = Runtime(torch.device("cpu"), bf16=True, channels_last=True)
+    config = make_config(variant, data=ft_images)
+    model = make_model(variant).to(memory_format=runtime.memory_format)
+    step = variant_steps(config, model)[-1]
+    loader = tiny_train_loader(config)
+    apply_step(model, step)
+    loss = train_epoch(model, loader, build_optimizer(model, config), step, runtime)
+    logits, labels = predict_logits(model, loader, runtime)
+    assert math.isfinite(loss)
+    assert all(values.dtype == torch.float32 for values in logits.values())
+    assert all(torch.isfinite(values).all() for values in logits.values())
+    assert len(labels) == 48
+
+
 def test_epoch_runs_with_trailing_batch_of_one(ft_images):
     # 48 training images in batches of 47 leave one image over; at 32 px layer4's maps are 1x1, where
     # BatchNorm in training mode rejects a batch of one.
     config = make_config("l4", data=ft_images, batch_size=47)
     model = make_model("l4")
     step = variant_steps(config, model)[0]
-    dataset, split = prepare_data(config, split_file=None)
-    loader = train_loader(split_images(dataset, split, "train"), config,
-                          sampler_generator=torch.Generator().manual_seed(0),
-                          loader_generator=torch.Generator().manual_seed(1))
+    loader = tiny_train_loader(config)
     apply_step(model, step)
     loss = train_epoch(model, loader, build_optimizer(model, config), step, Runtime.create("cpu"))
     assert len(loader) == 1

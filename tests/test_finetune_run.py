@@ -234,8 +234,8 @@ def test_evaluate_rejects_unknown_label_in_split_file(ft_fc_run, tmp_path):
 # --- checkpoints and --resume ----------------------------------------------------------------------
 
 @pytest.mark.parametrize(("variant", "kill_step", "kill_epoch", "workers"), [
-    ("l4-dropout", "train", 1, 0),  # dropout draws from the global RNG
-    ("ensemble", "step2", 1, 1),  # killed inside step 2; random crops drawn in a worker process
+    ("l4-dropout", "train", 1, 1),  # dropout draws from the global RNG, random crops from a worker's
+    ("ensemble", "step2", 1, 0),  # killed inside step 2, random crops drawn in the main process
 ])
 def test_resume_matches_uninterrupted_run(ft_images, tmp_path, monkeypatch, variant, kill_step, kill_epoch, workers):
     options = dict(epochs=1 if variant == "ensemble" else 2, stack_epochs=2, workers=workers)

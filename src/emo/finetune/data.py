@@ -1,6 +1,5 @@
 """Images of a fine-tuning run: scanning and splitting the dataset, the split file, data loaders."""
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,6 @@ from emo.data.transforms import eval_transform, resize_size, train_transform
 from emo.errors import DataError, RunError
 from emo.finetune.config import FinetuneConfig
 from emo.finetune.distributed import Distributed, ShardedBatchSampler
-
-logger = logging.getLogger(__name__)
 
 SPLIT_FILE = "split.csv"
 
