@@ -1,8 +1,9 @@
 """Shared fixtures: tiny image datasets, a tiny feature cache and a head run built from it.
 
-Fixtures of the ablation and report tests carry the ``ab_`` prefix.
+Fixtures of the ablation and report tests carry the ``ab_`` prefix, fine-tuning fixtures ``ft_``.
 """
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from emo.demo import make_sample_images
 from emo.extract import ExtractConfig, extract
 from emo.heads import FitHeadsConfig, fit_heads
 from tests.images import write_image_folder
@@ -74,3 +76,20 @@ def ab_cache(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ab_cache")
     images = ab_write_images(root / "images")
     return extract(tiny_extract_config(images, root / "features.h5")).cache
+
+
+# 20 images per class is the smallest set the stratified 80/5/15 split accepts:
+# 16 train, 1 val and 3 test images per class.
+FT_IMAGES_PER_CLASS = 20
+
+
+@pytest.fixture(scope="session")
+def ft_images(tmp_path_factory) -> Path:
+    """A generated ImageFolder of 3 classes x 20 JPEGs of 96x72 pixels; do not modify it."""
+    return make_sample_images(tmp_path_factory.mktemp("ft") / "images", per_class=FT_IMAGES_PER_CLASS)
+
+
+@pytest.fixture
+def ft_images_copy(ft_images, tmp_path) -> Path:
+    """A private copy of :func:`ft_images` that a test may change."""
+    return Path(shutil.copytree(ft_images, tmp_path / "images"))

@@ -147,6 +147,62 @@ def ablate(**options) -> None:
 
 
 @main.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--variant", required=True,
+              type=click.Choice(["fc", "l4", "full", "l4-dropout", "skip", "ensemble"]),
+              help="fc: new classifier only; l4: layer4 and classifier; full: every layer; l4-dropout: l4 with "
+                   "Dropout2d in layer4's blocks; skip: L0-L2 projected and averaged with L3 before layer4; "
+                   "ensemble: a branch per stage and their weighted average, trained in two steps.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
+@click.option("--labels", type=click.Path(path_type=Path), help="CSV whose label column overrides folder labels.")
+@click.option("--path-column", default="path", show_default=True, help="CSV column with image paths.")
+@click.option("--label-column", default="label", show_default=True, help="CSV column with labels.")
+@click.option("--split-file", type=click.Path(path_type=Path), help="Use this split CSV instead of a new split.")
+@click.option("--arch", default="resnet101", show_default=True, help="torchvision ResNet: resnet18/34/50/101/152.")
+@weights_option
+@click.option("--epochs", default=50, show_default=True,
+              help="Epochs of training (of step 1 for the ensemble variant).")
+@click.option("--stack-epochs", default=10, show_default=True,
+              help="Epochs of step 2 of the ensemble variant (branches and combining weights only).")
+@click.option("--batch-size", default=32, show_default=True, help="Images per mini-batch (at least 2).")
+@click.option("--lr-backbone", default=1e-4, show_default=True, help="SGD learning rate of the pretrained layers.")
+@click.option("--lr-new", default=1e-3, show_default=True, help="SGD learning rate of the new layers.")
+@click.option("--dropout", default=0.5, show_default=True, help="Dropout2d probability of the l4-dropout variant.")
+@click.option("--sampling", type=click.Choice(["weighted", "shuffle"]), default="weighted", show_default=True,
+              help="weighted: draws inversely proportional to class size; shuffle: plain random order.")
+@click.option("--image-size", default=224, show_default=True, help="Crop size in pixels.")
+@click.option("--workers", default=2, show_default=True, help="DataLoader worker processes for decoding.")
+@device_option
+@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
+              help="Arithmetic on CUDA: bf16 autocast or float32. The CPU always uses float32.")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+              help="Channels-last memory format on CUDA.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the split, initialisation and sampling.")
+@click.option("--skip-bad", is_flag=True, help="Leave out unusable files instead of stopping.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace a finished or interrupted run in --out.")
+def finetune(**options) -> None:
+    """Fine-tune a ResNet variant end to end on the images in DATA.
+
+    Under `torchrun --nproc_per_node=N -m emo.cli finetune ...` the N processes share each
+    mini-batch (DDP); only the first one logs and writes the run.
+    """
+    from emo.evaluate.metrics import format_table
+    from emo.finetune import FinetuneConfig, finetune as run_finetune
+    from emo.finetune.distributed import silence_other_ranks
+
+    silence_other_ranks()
+    config = _run(FinetuneConfig, **options)
+    metrics = _run(run_finetune, config)
+    if not metrics:  # a rank other than 0 of a torchrun job
+        return
+    click.echo(format_table(metrics["models"]))
+    trainable = ", ".join(f"{step} {count:,}" for step, count in metrics["trainable_parameters"].items())
+    click.echo(f"trainable parameters: {trainable}; {metrics['minutes_per_epoch']:.2f} min per epoch")
+    click.echo(f"run written to {config.out} in {metrics['seconds'] / 60:.1f} min")
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--cache", type=click.Path(path_type=Path), help="Feature cache to use instead of the run's own.")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
