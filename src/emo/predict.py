@@ -40,6 +40,9 @@ def build_head_classifier(settings: dict, *, weights: str | None = None) -> nn.M
     """
     backbone = settings["backbone"]
     recorded = backbone["weights"]
+    if weights is None and recorded["spec"] not in ("imagenet", "random") and not Path(recorded["spec"]).is_file():
+        raise WeightsError(f"the run's backbone weights {recorded['spec']} (recorded in "
+                           f"{Path(settings['run_dir']) / 'config.json'}) not found; pass --weights with that file")
     model, loaded = build_resnet(backbone["arch"], weights or recorded["spec"], seed=recorded.get("seed", 0))
     if loaded.sha256 != recorded["sha256"]:
         raise WeightsError(f"weights {loaded.source} (sha256 {loaded.sha256[:12]}) differ from the weights the "

@@ -1,5 +1,6 @@
 """Reading a finished feature cache, with checks that turn a foreign or damaged file into a clear error."""
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -103,6 +104,20 @@ class FeatureCache:
             "normalization": self.normalization,
             "precision": self.attrs["precision"],
         }
+
+    def split_sha256(self) -> str:
+        """Return a SHA-256 over the sorted (path, split) pairs, which identifies the split assignment.
+
+        Two caches of the same images split the same way have the same digest, whatever their row
+        order, weights or storage type.
+        """
+        pairs = sorted(zip(self.paths(), self._split.tolist()))
+        return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+
+    def run_record(self) -> dict:
+        """Return what a run records about the cache it was trained on: path, fingerprint and split digest."""
+        return {"path": str(self.path.resolve()), "fingerprint": str(self.attrs["fingerprint"]),
+                "split_sha256": self.split_sha256()}
 
     def require_classes(self, classes: list[str]) -> None:
         """Raise CacheError unless this cache's classes are exactly ``classes``, in order."""

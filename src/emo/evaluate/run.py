@@ -6,7 +6,7 @@ import torch
 
 from emo import runs
 from emo.cache.reader import FeatureCache
-from emo.errors import RunError
+from emo.errors import CacheError, RunError
 from emo.evaluate.files import write_metrics
 from emo.heads.outputs import load_head_model
 from emo.heads.train import evaluate_heads, load_split
@@ -45,14 +45,49 @@ def evaluate_run(run_dir: Path, *, cache: Path | None = None, split: str = "test
 
 def _evaluate_head_run(run_dir: Path, settings: dict, *, cache: Path | None, split: str, device: str) -> dict:
     cache_path = Path(cache) if cache is not None else Path(settings["config"]["cache"])
+    if cache is None and not cache_path.exists():
+        raise CacheError(f"the run's cache {cache_path} (recorded in {run_dir / 'config.json'}) not found; "
+                         "pass --cache with that cache or a copy of it")
     model = load_head_model(run_dir, settings)
     with FeatureCache(cache_path) as features:
         features.require_classes(settings["classes"])
+        check_cache_matches_run(features, settings, run_dir)
         data = load_split(features, split, tuple(settings["channels"]))
     if len(data.labels) == 0:
         raise RunError(f"cache {cache_path} has no rows in the {split} split")
     with torch.no_grad():
         return evaluate_heads(model, data, settings["classes"])
+
+
+def check_cache_matches_run(features: FeatureCache, settings: dict, run_dir: Path) -> None:
+    """Raise CacheError unless ``features`` holds the features a head run was trained and split on.
+
+    The backbone (arch, weights, image size) decides what the features mean, and the split
+    assignment decides which images are test images. A re-extraction with the same options
+    passes, whatever its file name, storage type or row order.
+
+    Example:
+        >>> with FeatureCache("e6.h5") as features:  # doctest: +SKIP
+        ...     check_cache_matches_run(features, runs.read_run_config("runs/heads"), Path("runs/heads"))
+    """
+    recorded, actual = settings["backbone"], features.backbone_record()
+    differences = []
+    if actual["arch"] != recorded.get("arch"):
+        differences.append(f"arch {actual['arch']} instead of {recorded.get('arch')}")
+    if actual["image_size"] != recorded["image_size"]:
+        differences.append(f"image size {actual['image_size']} instead of {recorded['image_size']}")
+    ours, theirs = actual["weights"].get("sha256", ""), recorded["weights"].get("sha256", "")
+    if ours != theirs:
+        differences.append(f"weights {actual['weights'].get('source')} (sha256 {ours[:12]}) instead of "
+                           f"{recorded['weights'].get('source')} (sha256 {theirs[:12]})")
+    # NOTE: runs written before the cache record existed have no split digest, so their split is not compared.
+    digest = settings.get("cache", {}).get("split_sha256")
+    if digest is not None and digest != features.split_sha256():
+        differences.append("split assignment (other images, or other images in train, val and test)")
+    if differences:
+        raise CacheError(f"cache {features.path} does not match run {run_dir}; it differs in " + "; ".join(differences)
+                         + ". Evaluate with the cache the run was trained on, or train a new run on this cache "
+                         "with `emo fit-heads`")
 
 
 def _evaluate_finetune_run(run_dir: Path, settings: dict, *, cache: Path | None, split: str, device: str) -> dict:

@@ -43,8 +43,9 @@ class ExtractConfig:
             raise ValueError(f"output {str(self.out)!r} should end in .h5 or .hdf5")
 
     def to_json(self) -> dict:
-        """Return the config as JSON-ready values."""
-        return {key: str(value) if isinstance(value, Path) else value for key, value in asdict(self).items()}
+        """Return the config as JSON-ready values, with absolute paths."""
+        return {key: str(Path(value).resolve()) if isinstance(value, Path) else value
+                for key, value in asdict(self).items()}
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -80,10 +80,10 @@ class FitHeadsConfig:
         return "_".join(parts)
 
     def to_json(self) -> dict:
-        """Return the config as JSON-ready values."""
+        """Return the config as JSON-ready values, with absolute paths so a run works from any folder."""
         values = asdict(self)
         values["stages"] = list(self.stages)
-        return {key: str(value) if isinstance(value, Path) else value for key, value in values.items()}
+        return {key: str(Path(value).resolve()) if isinstance(value, Path) else value for key, value in values.items()}
 
 
 def _stage_label(stages: tuple[str, ...]) -> str:

@@ -68,7 +68,7 @@ def fit_heads(config: FitHeadsConfig) -> dict:
     with FeatureCache(config.cache) as cache:
         _check_stages(cache, config.stages)
         splits = {name: load_split(cache, name, config.stages) for name in ("train", "val", "test")}
-        classes, backbone = cache.classes, cache.backbone_record()
+        classes, backbone, source = cache.classes, cache.backbone_record(), cache.run_record()
         channels = {name: cache.stages[name] for name in config.stages}
     _check_training_labels(splits["train"].labels, classes, config.cache)
     _check_finite(splits, config.cache)
@@ -90,7 +90,8 @@ def fit_heads(config: FitHeadsConfig) -> dict:
     metrics["val"] = {name: {key: values[key] for key in ("accuracy", "macro_recall")}
                       for name, values in evaluate_heads(model, splits["val"], classes)["models"].items()}
     metrics["seconds"] = time.perf_counter() - start
-    write_head_run(config, model=model, classes=classes, backbone=backbone, metrics=metrics, history=history)
+    write_head_run(config, model=model, classes=classes, backbone=backbone, cache=source, metrics=metrics,
+                   history=history)
     return metrics
 
 
