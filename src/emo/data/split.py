@@ -20,6 +20,8 @@ SPLITS = ("train", "val", "test")
 FRACTIONS = {"train": 0.80, "val": 0.05, "test": 0.15}
 # The smallest split (val, 5 %) gets at least one image of a class only from 20 images on.
 MIN_PER_CLASS = math.ceil(1 / min(FRACTIONS.values()))
+# scikit-learn and NumPy accept seeds in 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
 SPLIT_COLUMNS = ("path", "label", "split", "sha256")
 
 
@@ -56,6 +58,13 @@ def make_split(labels: list[str], *, seed: int) -> list[str]:
     result = assignment.tolist()
     _check_every_class_in_every_split(labels, result)
     return result
+
+
+def check_seed(seed: int) -> int:
+    """Return ``seed`` if it is a valid ``--seed`` (0 to 2**32 - 1), else raise ValueError naming the option."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
+    return seed
 
 
 def _check_class_sizes(labels: list[str]) -> None:
