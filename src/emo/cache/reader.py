@@ -150,6 +150,9 @@ def hdf5_error_reason(error: Exception) -> str:
 
 
 def _open_h5(path: Path) -> h5py.File:
+    if path.is_dir():
+        raise CacheError(f"{path} is a folder, not a feature cache; pass the .h5 file written by `emo extract` "
+                         f"(to extract one from images, run `emo extract {path} --out FILE.h5`)")
     if not path.is_file():
         raise CacheError(f"cache {path} not found; create it with `emo extract`")
     try:

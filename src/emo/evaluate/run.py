@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 
 from emo import runs
+from emo.backbone import resolve_device
 from emo.cache.reader import FeatureCache
 from emo.errors import CacheError, RunError
 from emo.evaluate.files import write_metrics
@@ -28,18 +29,28 @@ def evaluate_run(run_dir: Path, *, cache: Path | None = None, split: str = "test
     Returns:
         The metrics, in the layout of ``metrics.json``.
 
+    Raises:
+        RunError: if the run is unreadable or its metric files cannot be written (read-only folder).
+        CacheError: if the cache is missing or does not match the run.
+
     Example:
         >>> evaluate_run(Path("runs/heads"), split="val")["models"]["stacked"]["accuracy"]  # doctest: +SKIP
         0.61
     """
     if split not in ("train", "val", "test"):
         raise ValueError(f"split {split!r} is not one of train, val, test")
+    resolve_device(device)  # Head runs compute on the CPU, but a wrong --device is reported for them too.
     settings = runs.read_run_config(run_dir)
     evaluators = {"heads": _evaluate_head_run, "finetune": _evaluate_finetune_run}
     if settings.get("kind") not in evaluators:
         raise RunError(f"run {run_dir} has unknown kind {settings.get('kind')!r}")
     metrics = evaluators[settings["kind"]](Path(run_dir), settings, cache=cache, split=split, device=device)
-    write_metrics(Path(run_dir), metrics, split=split, title=settings.get("name", Path(run_dir).name))
+    try:
+        write_metrics(Path(run_dir), metrics, split=split, title=settings.get("name", Path(run_dir).name))
+    except OSError as error:
+        raise RunError(f"cannot write the {split} metrics into run {run_dir}: {error.strerror or error} "
+                       f"({error.filename}). Make the folder writable, or copy the run to a writable folder and "
+                       "evaluate the copy") from error
     return {"split": split, **metrics}
 
 
