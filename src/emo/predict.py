@@ -74,7 +74,7 @@ def predict(run_dir: Path, images: list[Path], *, weights: str | None = None, de
         images: image files.
         weights: backbone weights to use instead of those recorded in the run.
         device: ``auto``, ``cpu`` or ``cuda``.
-        top_k: how many classes to return per image.
+        top_k: how many classes to return per image, at least 1 (more than the run has means all).
         batch_size: images per forward pass.
 
     Returns:
@@ -85,6 +85,8 @@ def predict(run_dir: Path, images: list[Path], *, weights: str | None = None, de
         >>> predict(Path("runs/heads"), [Path("photo.jpg")])[0]["top"][0]  # doctest: +SKIP
         {'class': 'joy', 'probability': 0.71}
     """
+    if top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {top_k}")
     torch_device = resolve_device(device)
     model, settings = build_classifier(Path(run_dir), weights=weights)
     model = model.to(torch_device)
