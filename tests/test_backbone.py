@@ -1,6 +1,8 @@
+import hashlib
 import os
 import urllib.error
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -58,7 +60,7 @@ def test_weights_path_wrong_architecture(tmp_path):
     model, _ = build_resnet("resnet18", "random")
     path = tmp_path / "r18.pt"
     torch.save(model.state_dict(), path)
-    with pytest.raises(WeightsError, match="do not fit this architecture"):
+    with pytest.raises(WeightsError, match="are for resnet18, not resnet34; pass --arch resnet18"):
         build_resnet("resnet34", str(path))
 
 
@@ -77,9 +79,14 @@ def test_weights_path_not_a_state_dict(tmp_path):
 def test_imagenet_loaded_from_torchvision_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     source, _ = build_resnet("resnet18", "random", seed=4)
-    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
     (tmp_path / "checkpoints").mkdir()
-    torch.save(source.state_dict(), tmp_path / "checkpoints" / os.path.basename(url))
+    staged = tmp_path / "staged.pth"
+    torch.save(source.state_dict(), staged)
+    # The real file cannot be made here, so the expected name carries this file's hash prefix instead.
+    prefix = hashlib.sha256(staged.read_bytes()).hexdigest()[:8]
+    url = f"https://download.pytorch.org/models/resnet18-{prefix}.pth"
+    monkeypatch.setattr(backbone, "_imagenet_weights_enum", lambda arch: SimpleNamespace(url=url))
+    staged.rename(tmp_path / "checkpoints" / os.path.basename(url))
     _, loaded = build_resnet("resnet18", "imagenet")
     assert loaded.sha256 == state_dict_sha256(source)
 
@@ -113,3 +120,103 @@ def test_resolve_device():
     assert resolve_device("cpu").type == "cpu"
     with pytest.raises(ValueError, match="invalid device"):
         resolve_device("tpu")
+
+
+def saved_state_dict(path: Path, arch: str = "resnet18", *, edit=None) -> Path:
+    """Save the state dict of a seeded random ``arch``, changed by ``edit`` (dict -> dict), to ``path``."""
+    model, _ = build_resnet(arch, "random", seed=1)
+    state = model.state_dict()
+    torch.save(edit(state) if edit else state, path)
+    return path
+
+
+def test_weights_of_another_depth_name_it(tmp_path):
+    path = saved_state_dict(tmp_path / "r34.pt", "resnet34")
+    with pytest.raises(WeightsError) as error:
+        build_resnet("resnet18", str(path))
+    message = str(error.value)
+    assert "are for resnet34, not resnet18; pass --arch resnet34" in message
+    assert len(message) < 300
+
+
+def test_weights_with_other_classifier_load(tmp_path):
+    def eight_classes(state):
+        return {**state, "fc.weight": torch.zeros(8, 512), "fc.bias": torch.zeros(8)}
+
+    path = saved_state_dict(tmp_path / "finetuned.pt", edit=eight_classes)
+    model, record = build_resnet("resnet18", str(path), seed=2)
+    source, _ = build_resnet("resnet18", "random", seed=1)
+    assert torch.equal(model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    assert "classifier fc[8, 512] was ignored" in record.source
+
+
+def test_weights_without_classifier_load(tmp_path):
+    def headless(state):
+        return {name: value for name, value in state.items() if not name.startswith("fc.")}
+
+    path = saved_state_dict(tmp_path / "headless.pt", edit=headless)
+    model, record = build_resnet("resnet18", str(path), seed=2)
+    source, _ = build_resnet("resnet18", "random", seed=1)
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+    assert "it has no classifier fc" in record.source
+
+
+def test_weights_missing_backbone_tensor_rejected(tmp_path):
+    def without_conv(state):
+        return {name: value for name, value in state.items() if name != "layer1.0.conv1.weight"}
+
+    path = saved_state_dict(tmp_path / "cut.pt", edit=without_conv)
+    with pytest.raises(WeightsError, match="1 missing tensor\\(s\\), e.g. 'layer1.0.conv1.weight'"):
+        build_resnet("resnet18", str(path))
+
+
+def test_weights_record_absolute_path(tmp_path, monkeypatch):
+    saved_state_dict(tmp_path / "w.pt")
+    monkeypatch.chdir(tmp_path)
+    _, record = build_resnet("resnet18", "w.pt")
+    assert record.spec == str(tmp_path / "w.pt")
+
+
+def pickled_model(path: Path) -> Path:
+    torch.save(torchvision.models.resnet18(), path)
+    return path
+
+
+def text_file(path: Path) -> Path:
+    path.write_text("these are not weights\n")
+    return path
+
+
+@pytest.mark.parametrize("write, reason", [
+    (pickled_model, "it contains pickled Python objects"),
+    (text_file, "it is not a file written by torch.save"),
+])
+def test_weights_file_not_a_state_dict_advice(tmp_path, write, reason):
+    path = write(tmp_path / "weights.pt")
+    with pytest.raises(WeightsError) as error:
+        build_resnet("resnet18", str(path))
+    message = str(error.value)
+    assert reason in message
+    assert "torch.save(model.state_dict(), PATH)" in message
+    assert "weights_only=False" not in message
+
+
+def corrupt_bytes(path: Path) -> None:
+    path.write_bytes(b"PK\x03\x04 cut off")
+
+
+def other_state_dict(path: Path) -> None:
+    saved_state_dict(path)
+
+
+@pytest.mark.parametrize("write", [corrupt_bytes, other_state_dict])
+def test_imagenet_cache_file_hash_checked(tmp_path, monkeypatch, write):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    file = tmp_path / "checkpoints" / os.path.basename(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url)
+    file.parent.mkdir()
+    write(file)
+    with pytest.raises(WeightsError) as error:
+        build_resnet("resnet18", "imagenet")
+    message = str(error.value)
+    assert f"ImageNet weights file {file} is damaged or not the original" in message
+    assert "its name says f37072fd" in message

@@ -101,11 +101,14 @@ def test_missing_stage_in_cache(separable_cache, tmp_path):
 
 @pytest.mark.parametrize("options, message", [
     ({"sampling": "balanced"}, "sampling 'balanced'"),
-    ({"epochs": 0}, "epochs must be at least 1"),
-    ({"lr": 0.0}, "lr must be positive"),
+    ({"epochs": 0}, "--epochs must be at least 1"),
+    ({"lr": 0.0}, "--lr must be a positive number"),
     ({"dropout": 1.0}, "dropout must be in"),
-    ({"batch_size": 0}, "batch_size must be at least 1"),
+    ({"batch_size": 0}, "--batch-size must be at least 1"),
     ({"stages": ()}, "non-empty subset"),
+    ({"stack_epochs": -1}, "--stack-epochs must be 0 or more"),
+    ({"lr": float("inf")}, "--lr must be a positive number"),
+    ({"seed": -1}, "--seed must be between 0 and 4294967295, got -1"),
 ])
 def test_config_rejects_bad_values(options, message, tmp_path):
     with pytest.raises(ValueError, match=message):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from emo.cache.reader import FeatureCache
 from emo.cli import main
 from emo.extract import extract
 from tests.hostile import jpeg_bytes, small_dataset, tiny_cache, tiny_extract_config, tiny_run  # noqa: F401 (fixtures)
@@ -151,6 +152,9 @@ def test_stored_paths_never_direct_writes(tiny_cache, tiny_run, tmp_path):
     settings["name"] = "../../escaped"
     settings["config"]["out"] = str(tmp_path / "elsewhere")
     settings["config"]["cache"] = str(cache)
+    # The hostile paths change the split assignment that evaluate compares; record the new one.
+    with FeatureCache(cache) as features:
+        settings["cache"]["split_sha256"] = features.split_sha256()
     (run / "config.json").write_text(json.dumps(settings))
 
     before = snapshot(tmp_path)

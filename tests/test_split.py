@@ -62,3 +62,80 @@ def test_split_file_unknown_split_name(tmp_path):
     write_split_csv(path, relpaths=["a.jpg"], labels=["a"], split=["holdout"], sha256=[""])
     with pytest.raises(DataError, match="split 'holdout' is not one of train, val, test"):
         read_split_csv(path, ["a.jpg"])
+
+
+def three_class_split(tmp_path, **changes):
+    """Write a valid split file of 3 classes x 20 samples; ``changes`` maps a row index to new fields."""
+    relpaths = [f"{label}/{i}.jpg" for label in "abc" for i in range(20)]
+    labels = [relpath[0] for relpath in relpaths]
+    split = make_split(labels, seed=0)
+    digests = [f"{i:064x}" for i in range(len(relpaths))]
+    path = tmp_path / "split.csv"
+    write_split_csv(path, relpaths=relpaths, labels=labels, split=split, sha256=digests)
+    return path, relpaths, labels, split, digests
+
+
+def rewrite_rows(path, edit):
+    """Apply ``edit`` to every data row (a list of fields) of a split file and write it back."""
+    lines = path.read_text().splitlines()
+    rows = [line.split(",") for line in lines[1:]]
+    path.write_text("\n".join([lines[0], *(",".join(edit(row)) for row in rows)]) + "\n")
+
+
+@pytest.mark.parametrize("part", ["val", "test", "train"])
+def test_split_file_without_a_split_rejected(tmp_path, part):
+    path, relpaths, labels, _, _ = three_class_split(tmp_path)
+    other = "train" if part != "train" else "test"
+    rewrite_rows(path, lambda row: [*row[:2], other if row[2] == part else row[2], row[3]])
+    with pytest.raises(DataError, match=f"puts no image of class 'a' in the {part} split"):
+        read_split_csv(path, relpaths, labels=labels)
+
+
+def test_split_file_checks_every_class(tmp_path):
+    path, relpaths, labels, _, _ = three_class_split(tmp_path)
+    rewrite_rows(path, lambda row: [*row[:2], "train" if row[1] == "b" and row[2] == "val" else row[2], row[3]])
+    with pytest.raises(DataError, match="class 'b' in the val split"):
+        read_split_csv(path, relpaths, labels=labels)
+
+
+def test_split_file_changed_sha256_names_row_and_file(tmp_path):
+    path, relpaths, labels, _, digests = three_class_split(tmp_path)
+    changed = list(digests)
+    changed[5] = "f" * 64
+    with pytest.raises(DataError) as error:
+        read_split_csv(path, relpaths, labels=labels, sha256=changed, root=tmp_path)
+    message = str(error.value)
+    assert f"{path}, line 7:" in message
+    assert str(tmp_path / "a" / "5.jpg") in message
+    assert "changed since the split was made" in message
+
+
+def test_split_file_matching_sha256_accepted(tmp_path):
+    path, relpaths, labels, split, digests = three_class_split(tmp_path)
+    assert read_split_csv(path, relpaths, labels=labels, sha256=digests) == split
+
+
+def test_split_file_row_for_missing_file(tmp_path):
+    path, relpaths, labels, _, _ = three_class_split(tmp_path)
+    for relpath in relpaths:
+        (tmp_path / relpath).parent.mkdir(exist_ok=True)
+        (tmp_path / relpath).touch()
+    with open(path, "a") as file:
+        file.write("a/gone.jpg,a,train,\n")
+    with pytest.raises(DataError, match="line 62: 'a/gone.jpg' does not exist in"):
+        read_split_csv(path, relpaths, labels=labels, root=tmp_path)
+
+
+def test_split_file_row_for_existing_unused_file_ignored(tmp_path):
+    path, relpaths, labels, split, _ = three_class_split(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "skipped.jpg").touch()
+    with open(path, "a") as file:
+        file.write("a/skipped.jpg,a,train,\n")
+    assert read_split_csv(path, relpaths, labels=labels, root=tmp_path) == split
+
+
+def test_split_file_paths_are_normalized(tmp_path):
+    path, relpaths, labels, split, _ = three_class_split(tmp_path)
+    rewrite_rows(path, lambda row: ["./" + row[0].replace("/", "//"), *row[1:]])
+    assert read_split_csv(path, relpaths, labels=labels) == split

@@ -8,6 +8,7 @@ runs) or the path of a state dict file.
 import hashlib
 import logging
 import os
+import pickle
 import socket
 import urllib.error
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torchvision
 from torch import nn
 
 from emo.errors import WeightsError
-from emo.stages import STAGE_NAMES, stage_infos, validate_arch
+from emo.stages import ARCHITECTURES, STAGE_NAMES, stage_infos, validate_arch
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,9 @@ def build_resnet(arch: str, weights: str, *, seed: int = 0) -> tuple[nn.Module, 
         seed: seed of the initialisation when ``weights`` is ``"random"``.
 
     Returns:
-        The model in eval mode on the CPU, and a record of the weights.
+        The model in eval mode on the CPU, and a record of the weights. For a state dict file,
+        the record's ``spec`` is its absolute path, and its ``source`` says whether the file's
+        classifier ``fc`` was ignored (extraction never uses it).
 
     Example:
         >>> model, record = build_resnet("resnet18", "random", seed=0)
@@ -65,8 +68,11 @@ def build_resnet(arch: str, weights: str, *, seed: int = 0) -> tuple[nn.Module, 
         state_dict, source = _load_imagenet_state_dict(arch)
         model.load_state_dict(state_dict, strict=True)
     elif weights != "random":
-        _load_state_dict_file(model, Path(weights))
-        source = str(Path(weights).resolve())
+        path = Path(weights).resolve()
+        ignored = _load_state_dict_file(model, path, arch)
+        weights = source = str(path)
+        if ignored:
+            source += f" ({ignored})"
 
     model.eval()
     return model, LoadedWeights(spec=weights, source=source, sha256=state_dict_sha256(model))
@@ -92,7 +98,26 @@ def _load_imagenet_state_dict(arch: str) -> tuple[dict, str]:
     file = folder / os.path.basename(enum.url)
     if not file.is_file():
         _download_or_fail(enum, file)
-    return torch.load(file, map_location="cpu", weights_only=True), str(file)
+    _check_hub_file_hash(file, enum.url)
+    return _load_tensors(file, fix=f"delete it, so that it is downloaded again from {enum.url}"), str(file)
+
+
+def _check_hub_file_hash(file: Path, url: str) -> None:
+    """Raise WeightsError unless the file's SHA-256 starts with the prefix in its name, as torch.hub checks.
+
+    torchvision names its files ``ARCH-<first hex digits of the SHA-256>.pth``; a damaged or
+    replaced file in the cache would otherwise be used as ImageNet weights.
+    """
+    match = torch.hub.HASH_REGEX.search(file.name)
+    if match is None:
+        return
+    prefix = match.group(1)
+    with open(file, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    if not digest.startswith(prefix):
+        raise WeightsError(f"ImageNet weights file {file} is damaged or not the original: its SHA-256 starts with "
+                           f"{digest[:len(prefix)]}, but its name says {prefix}. Delete it, so that it is downloaded "
+                           f"again, or copy the original from {url} into {file.parent}")
 
 
 def _download_or_fail(enum, file: Path) -> None:
@@ -111,21 +136,114 @@ def _download_or_fail(enum, file: Path) -> None:
         socket.setdefaulttimeout(previous)
 
 
-def _load_state_dict_file(model: nn.Module, path: Path) -> None:
+def _load_state_dict_file(model: nn.Module, path: Path, arch: str) -> str | None:
+    """Load a state dict file into ``model``; return a note when the file's classifier was ignored."""
     if not path.is_file():
         raise WeightsError(
             f"weights {str(path)!r} is neither 'imagenet', 'random' nor an existing file; "
             "pass a state dict path, --weights imagenet or --weights random"
         )
+    fix = "save the weights with torch.save(model.state_dict(), PATH) and pass that file"
+    state_dict = strip_module_prefix(_unwrap_state_dict(_load_tensors(path, fix=fix), path))
+    return _load_backbone_state(model, state_dict, path, arch)
+
+
+def _load_tensors(path: Path, *, fix: str):
+    """Load ``path`` with ``torch.load(weights_only=True)``, turning every failure into a WeightsError.
+
+    torch's own message is left out because it suggests ``weights_only=False``, which would let
+    a hostile file run code.
+    """
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises UnpicklingError, RuntimeError or EOFError here.
-        raise WeightsError(f"cannot load weights from {path}: {error}") from error
-    state_dict = strip_module_prefix(_unwrap_state_dict(state_dict, path))
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as error:
-        raise WeightsError(f"weights in {path} do not fit this architecture: {error}") from error
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" in str(error):
+            reason = "it contains pickled Python objects (for example a whole nn.Module), not only tensors"
+        else:
+            reason = "it is not a file written by torch.save, or it is damaged"
+        raise WeightsError(f"cannot load weights from {path}: {reason}. Emo-vision loads only tensors, because "
+                           f"unpickling other objects can run code; {fix}") from error
+    except Exception as error:  # torch raises RuntimeError, EOFError or KeyError for other files.
+        raise WeightsError(f"cannot load weights from {path}: it is not a file written by torch.save, or it is "
+                           f"damaged ({type(error).__name__}); {fix}") from error
+
+
+def _load_backbone_state(model: nn.Module, state_dict: dict, path: Path, arch: str) -> str | None:
+    """Load every backbone tensor of ``state_dict`` into ``model``, which must match it exactly.
+
+    The classifier ``fc`` is the exception: extraction never uses it, so a file whose ``fc`` has
+    another number of classes (a fine-tuned checkpoint), or none, still loads, and ``model``
+    keeps its seeded ``fc``.
+
+    Returns:
+        None when the whole state dict was loaded, else a note on the ignored classifier.
+    """
+    expected = _tensor_shapes(model.state_dict())
+    given = _tensor_shapes(state_dict)
+    ignored = None
+    if {name: given.get(name) for name in CLASSIFIER_KEYS} != {name: expected[name] for name in CLASSIFIER_KEYS}:
+        shape = given.get("fc.weight")
+        ignored = (f"its classifier fc{list(shape) if shape else ''} was ignored" if "fc.weight" in given
+                   else "it has no classifier fc") + "; extraction does not use it"
+        state_dict = {name: value for name, value in state_dict.items() if not name.startswith("fc.")}
+        given = _tensor_shapes(state_dict)
+        expected = {name: shape for name, shape in expected.items() if not name.startswith("fc.")}
+    if given != expected:
+        raise WeightsError(_misfit_message(path, arch, given, expected))
+    model.load_state_dict(state_dict, strict=False)
+    if ignored:
+        logger.info("weights %s: %s", path, ignored)
+    return ignored
+
+
+# The classifier of a torchvision ResNet; extraction stops at layer4, before it.
+CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
+
+
+def _tensor_shapes(state_dict: dict) -> dict[str, tuple[int, ...]]:
+    """Return name -> shape, without BatchNorm's ``num_batches_tracked``, which load_state_dict fills in."""
+    return {name: tuple(value.shape) for name, value in state_dict.items()
+            if not name.endswith("num_batches_tracked")}
+
+
+def _misfit_message(path: Path, arch: str, given: dict, expected: dict) -> str:
+    """Describe why a state dict does not fit ``arch``, naming the ResNet it fits when there is one."""
+    probable = probable_resnet(given)
+    if probable is not None:
+        return f"weights in {path} are for {probable}, not {arch}; pass --arch {probable}"
+    missing = [name for name in expected if name not in given]
+    unexpected = [name for name in given if name not in expected]
+    resized = [name for name in given if name in expected and given[name] != expected[name]]
+    details = []
+    if missing:
+        details.append(f"{len(missing)} missing tensor(s), e.g. {missing[0]!r}")
+    if unexpected:
+        details.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]!r}")
+    if resized:
+        details.append(f"{len(resized)} tensor(s) of another shape, e.g. {resized[0]!r} "
+                       f"{list(given[resized[0]])} instead of {list(expected[resized[0]])}")
+    return (f"weights in {path} do not fit this architecture ({arch}) nor any other torchvision ResNet: "
+            + ", ".join(details) + "; pass a state dict of a torchvision ResNet")
+
+
+def probable_resnet(shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Return the torchvision ResNet whose backbone tensors have exactly ``shapes``, or None.
+
+    The classifier ``fc`` is left out of the comparison. Models are built on the meta device,
+    which allocates no memory.
+
+    Example:
+        >>> model, _ = build_resnet("resnet34", "random")
+        >>> probable_resnet(_tensor_shapes(model.state_dict()))
+        'resnet34'
+    """
+    backbone = {name: shape for name, shape in shapes.items() if not name.startswith("fc.")}
+    for arch in ARCHITECTURES:
+        with torch.device("meta"):
+            reference = _tensor_shapes(torchvision.models.get_model(arch, weights=None).state_dict())
+        if backbone == {name: shape for name, shape in reference.items() if not name.startswith("fc.")}:
+            return arch
+    return None
 
 
 def _unwrap_state_dict(obj, path: Path) -> dict:

@@ -14,8 +14,9 @@ logger = logging.getLogger("emo")
 
 
 def _configure_logging(verbose: int) -> None:
-    level = logging.DEBUG if verbose > 0 else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # Only emo's own loggers go to DEBUG; h5py, matplotlib and PIL debug lines would drown them.
+    logger.setLevel(logging.DEBUG if verbose > 0 else logging.NOTSET)
 
 
 def _stages_option(ctx, param, value: str) -> tuple[str, ...]:
@@ -44,7 +45,7 @@ def _run(function, *args, **kwargs):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", count=True, help="Log debug messages.")
+@click.option("-v", "--verbose", count=True, help="Log emo-vision's debug messages.")
 @click.version_option(package_name="emo-vision")
 def main(verbose: int) -> None:
     """Visual emotion recognition with ResNet stage features (Najid & Chahyati, EECSI 2018)."""
@@ -55,27 +56,36 @@ weights_option = click.option(
     "--weights", default="imagenet", show_default=True,
     help="Backbone weights: 'imagenet' (torchvision's cache), 'random' (smoke runs) or a state dict path.")
 device_option = click.option("--device", default="auto", show_default=True,
-                             help="auto, cpu, cuda or cuda:N.")
+                             help="auto (CUDA when available), cpu, cuda or cuda:N.")
 
 
 @main.command()
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Cache file to write (.h5).")
-@click.option("--labels", type=click.Path(path_type=Path), help="CSV whose label column overrides folder labels.")
-@click.option("--path-column", default="path", show_default=True, help="CSV column with image paths.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Cache file to write (.h5); the split is written next to it as NAME.split.csv.")
+@click.option("--labels", type=click.Path(path_type=Path),
+              help="With a folder DATA: CSV of images and labels that replaces the folder labels. Its paths are "
+                   "relative to DATA; images it does not list are left out (with a warning).")
+@click.option("--path-column", default="path", show_default=True,
+              help="CSV column with image paths, relative to the manifest's folder (or to DATA with --labels).")
 @click.option("--label-column", default="label", show_default=True, help="CSV column with labels.")
-@click.option("--split-file", type=click.Path(path_type=Path), help="Use this split CSV instead of a new split.")
+@click.option("--split-file", type=click.Path(path_type=Path),
+              help="Split CSV (path, split; optional label, sha256) to use instead of a new 80/5/15 split; "
+                   "every class needs images in train, val and test.")
 @weights_option
 @click.option("--arch", default="resnet101", show_default=True, help="torchvision ResNet: resnet18/34/50/101/152.")
-@click.option("--image-size", default=224, show_default=True, help="Centre-crop size in pixels.")
-@click.option("--batch-size", default=32, show_default=True, help="Images per forward pass.")
-@click.option("--workers", default=2, show_default=True, help="DataLoader worker processes for decoding.")
+@click.option("--image-size", default=224, show_default=True,
+              help="Centre-crop size in pixels, at least 32; the shorter side is first resized to 256/224 of it.")
+@click.option("--batch-size", default=32, show_default=True, help="Images per forward pass, at least 1.")
+@click.option("--workers", default=2, show_default=True,
+              help="DataLoader worker processes for decoding (0 = decode in the main process).")
 @device_option
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Storage type of the cached features.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="Arithmetic of the forward pass.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the split and of random weights.")
+@click.option("--seed", default=0, show_default=True,
+              help="Seed of the split and of random weights, 0 to 4294967295.")
 @click.option("--skip-bad", is_flag=True, help="Leave out unusable files instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache once the new one is complete.")
 def extract(**options) -> None:
@@ -90,7 +100,8 @@ def extract(**options) -> None:
 
 @main.command("fit-heads")
 @click.argument("cache", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Run directory to write: a new or empty folder, or an earlier run with --overwrite.")
 @click.option("--stages", default=",".join(STAGE_NAMES), show_default=True, callback=_stages_option,
               help="Comma-separated stages to train branches on.")
 @click.option("--sampling", type=click.Choice(["weighted", "shuffle"]), default="weighted", show_default=True,
@@ -102,14 +113,16 @@ def extract(**options) -> None:
               show_default=True,
               help="How branch probabilities combine: learned weighted average, plain mean, or a "
                    "logistic-regression meta-learner fit on the val split.")
-@click.option("--epochs", default=50, show_default=True, help="Epochs of branch training.")
+@click.option("--epochs", default=50, show_default=True, help="Epochs of branch training, at least 1.")
 @click.option("--stack-epochs", default=10, show_default=True,
-              help="Epochs of weighted stacking (0 = plain mean).")
-@click.option("--lr", default=1e-3, show_default=True, help="SGD learning rate.")
-@click.option("--batch-size", default=32, show_default=True, help="Mini-batch size.")
-@click.option("--dropout", default=0.0, show_default=True, help="Dropout probability before each head.")
-@click.option("--seed", default=0, show_default=True, help="Seed of initialisation and sampling.")
-@click.option("--overwrite", is_flag=True, help="Replace a finished run in --out.")
+              help="Epochs of weighted stacking, 0 or more (0 = plain mean).")
+@click.option("--lr", default=1e-3, show_default=True, help="SGD learning rate, above 0.")
+@click.option("--batch-size", default=32, show_default=True, help="Mini-batch size in rows, at least 1.")
+@click.option("--dropout", default=0.0, show_default=True,
+              help="Dropout probability before each head, in [0, 1).")
+@click.option("--seed", default=0, show_default=True,
+              help="Seed of initialisation and sampling, 0 to 4294967295.")
+@click.option("--overwrite", is_flag=True, help="Replace a finished run in --out, with its metric files.")
 def fit_heads(**options) -> None:
     """Train branch heads and their weighted stacking on a feature CACHE."""
     from emo.evaluate.metrics import format_table
@@ -204,9 +217,13 @@ def finetune(**options) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--cache", type=click.Path(path_type=Path), help="Feature cache to use instead of the run's own.")
-@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
-@device_option
+@click.option("--cache", type=click.Path(path_type=Path),
+              help="Feature cache to use instead of the run's own; it must have the run's backbone and split.")
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
+              help="Split to evaluate; val and train results go to metrics-SPLIT.json.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where fine-tuned runs compute: auto (CUDA when available), cpu, cuda or cuda:N. "
+                   "Head runs compute on the CPU.")
 def evaluate(run_dir: Path, cache: Path | None, split: str, device: str) -> None:
     """Recompute and print the metrics of RUN_DIR on a split, and rewrite its metric files."""
     from emo.evaluate.metrics import format_table
@@ -235,7 +252,7 @@ def report(run_dirs: tuple[Path, ...], out: Path) -> None:
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--weights", default=None, help="Backbone weights to use instead of those recorded in the run.")
-@click.option("--top-k", default=3, show_default=True, help="Classes to show per image.")
+@click.option("--top-k", default=3, show_default=True, help="Classes to show per image, at least 1.")
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def predict(run_dir: Path, images: tuple[Path, ...], weights: str | None, top_k: int, device: str,
@@ -265,8 +282,8 @@ def _format_prediction(result: dict) -> str:
               help="Folder for the sample images, cache, run and predictions.")
 @click.option("--weights", default="random", show_default=True,
               help="Backbone weights; 'random' works offline, 'imagenet' needs torchvision's cached file.")
-@click.option("--arch", default="resnet101", show_default=True)
-@click.option("--image-size", default=112, show_default=True)
+@click.option("--arch", default="resnet101", show_default=True, help="torchvision ResNet: resnet18/34/50/101/152.")
+@click.option("--image-size", default=112, show_default=True, help="Centre-crop size in pixels, at least 32.")
 @device_option
 def demo(out: Path, weights: str, arch: str, image_size: int, device: str) -> None:
     """Run extract, fit-heads, evaluate and predict on a generated sample set."""

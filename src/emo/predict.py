@@ -40,6 +40,9 @@ def build_head_classifier(settings: dict, *, weights: str | None = None) -> nn.M
     """
     backbone = settings["backbone"]
     recorded = backbone["weights"]
+    if weights is None and recorded["spec"] not in ("imagenet", "random") and not Path(recorded["spec"]).is_file():
+        raise WeightsError(f"the run's backbone weights {recorded['spec']} (recorded in "
+                           f"{Path(settings['run_dir']) / 'config.json'}) not found; pass --weights with that file")
     model, loaded = build_resnet(backbone["arch"], weights or recorded["spec"], seed=recorded.get("seed", 0))
     if loaded.sha256 != recorded["sha256"]:
         raise WeightsError(f"weights {loaded.source} (sha256 {loaded.sha256[:12]}) differ from the weights the "
@@ -71,7 +74,7 @@ def predict(run_dir: Path, images: list[Path], *, weights: str | None = None, de
         images: image files.
         weights: backbone weights to use instead of those recorded in the run.
         device: ``auto``, ``cpu`` or ``cuda``.
-        top_k: how many classes to return per image.
+        top_k: how many classes to return per image, at least 1 (more than the run has means all).
         batch_size: images per forward pass.
 
     Returns:
@@ -82,6 +85,8 @@ def predict(run_dir: Path, images: list[Path], *, weights: str | None = None, de
         >>> predict(Path("runs/heads"), [Path("photo.jpg")])[0]["top"][0]  # doctest: +SKIP
         {'class': 'joy', 'probability': 0.71}
     """
+    if top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {top_k}")
     torch_device = resolve_device(device)
     model, settings = build_classifier(Path(run_dir), weights=weights)
     model = model.to(torch_device)

@@ -38,7 +38,9 @@ def save_state_dict_atomically(path: Path, state_dict: dict) -> None:
 def check_run_destination(run_dir: Path, *, overwrite: bool = False) -> None:
     """Raise RunError unless a run can be written to ``run_dir``.
 
-    Cheap enough to call before training, so a wrong ``--out`` fails before any work is done.
+    ``run_dir`` must be new, empty, an interrupted run, or a finished run with ``overwrite``. A
+    folder with other files (a dataset, say) is never written into. Cheap enough to call
+    before training, so a wrong ``--out`` fails before any work is done.
 
     Example:
         >>> check_run_destination(Path("runs/heads"), overwrite=True)  # doctest: +SKIP
@@ -49,21 +51,38 @@ def check_run_destination(run_dir: Path, *, overwrite: bool = False) -> None:
         raise RunError(f"cannot write run directory {run_dir}: {existing} is a file; choose another --out")
     if not os.access(existing, os.W_OK):
         raise RunError(f"cannot write run directory {run_dir}: {existing} is not writable; choose another --out")
+    if run_dir.is_dir() and not _is_run_directory(run_dir) and any(run_dir.iterdir()):
+        raise RunError(f"--out {run_dir} is a folder with other files and not an emo-vision run; choose an empty "
+                       "or new folder for --out")
     if (run_dir / "metrics.json").exists() and not overwrite:
         raise RunError(f"run directory {run_dir} already contains a finished run; pass --overwrite or choose another --out")
+
+
+def _is_run_directory(folder: Path) -> bool:
+    """Return whether ``folder`` was written by an emo-vision run (finished or interrupted)."""
+    return (folder / "config.json").is_file() or (folder / INCOMPLETE_MARKER).is_file()
+
+
+# Files a run writes for splits other than test; a new run in the same folder removes them,
+# so that they cannot be mistaken for its own.
+SPLIT_METRIC_PATTERNS = ("metrics-*.json", "confusion_matrix-*.png")
 
 
 def start_run(run_dir: Path, *, overwrite: bool = False) -> Path:
     """Create ``run_dir`` (or reuse it with ``overwrite``) and mark it incomplete.
 
     Files of a previous run stay until the new run replaces them, but the marker makes readers
-    reject the directory from now until :func:`finish_run`.
+    reject the directory from now until :func:`finish_run`. Its val and train metric files are
+    removed, because the new run does not write them.
     """
     run_dir = Path(run_dir)
     check_run_destination(run_dir, overwrite=overwrite)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / INCOMPLETE_MARKER).write_text("this run has not finished writing\n")
+        for pattern in SPLIT_METRIC_PATTERNS:
+            for stale in run_dir.glob(pattern):
+                stale.unlink()
     except OSError as error:
         raise RunError(f"cannot write run directory {run_dir}: {error}") from error
     return run_dir
@@ -77,6 +96,9 @@ def finish_run(run_dir: Path) -> None:
 def read_run_config(run_dir: Path) -> dict:
     """Return the config.json of a finished run, or raise RunError naming what is wrong."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise RunError(f"{run_dir} is a file, not a run directory; pass the folder that fit-heads wrote with --out"
+                       + (" (give a feature cache with --cache)" if run_dir.suffix in (".h5", ".hdf5") else ""))
     if not run_dir.is_dir():
         raise RunError(f"run directory {run_dir} not found")
     if (run_dir / INCOMPLETE_MARKER).exists():

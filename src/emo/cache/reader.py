@@ -1,5 +1,6 @@
 """Reading a finished feature cache, with checks that turn a foreign or damaged file into a clear error."""
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -104,6 +105,20 @@ class FeatureCache:
             "precision": self.attrs["precision"],
         }
 
+    def split_sha256(self) -> str:
+        """Return a SHA-256 over the sorted (path, split) pairs, which identifies the split assignment.
+
+        Two caches of the same images split the same way have the same digest, whatever their row
+        order, weights or storage type.
+        """
+        pairs = sorted(zip(self.paths(), self._split.tolist()))
+        return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+
+    def run_record(self) -> dict:
+        """Return what a run records about the cache it was trained on: path, fingerprint and split digest."""
+        return {"path": str(self.path.resolve()), "fingerprint": str(self.attrs["fingerprint"]),
+                "split_sha256": self.split_sha256()}
+
     def require_classes(self, classes: list[str]) -> None:
         """Raise CacheError unless this cache's classes are exactly ``classes``, in order."""
         if self.classes != list(classes):
@@ -135,6 +150,9 @@ def hdf5_error_reason(error: Exception) -> str:
 
 
 def _open_h5(path: Path) -> h5py.File:
+    if path.is_dir():
+        raise CacheError(f"{path} is a folder, not a feature cache; pass the .h5 file written by `emo extract` "
+                         f"(to extract one from images, run `emo extract {path} --out FILE.h5`)")
     if not path.is_file():
         raise CacheError(f"cache {path} not found; create it with `emo extract`")
     try:

@@ -2,7 +2,7 @@
 that is renamed into place only when every row has been written.
 
 A partial file whose fingerprint matches the current command is resumed; one made by a different
-command is replaced only with ``overwrite``.
+command is replaced only with ``overwrite``, unless it holds no written row, which costs nothing to lose.
 
 Crash safety rests on three rules. The partial file is built under a temporary name with every
 dataset allocated and is renamed to ``NAME.h5.partial`` only then, so a partial file always has
@@ -92,6 +92,9 @@ class CacheWriter:
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is KeyboardInterrupt and self.file is not None:
+            logger.warning("interrupted; the partial cache %s is kept, so rerun the same command to resume "
+                           "without recomputing its finished rows", self.partial)
         try:
             self._close(failing=exc is not None)
         finally:
@@ -157,8 +160,9 @@ class CacheWriter:
         try:
             if file.attrs.get("fingerprint") != self.header["fingerprint"]:
                 changed = _changed_parts(file.attrs.get("fingerprint_parts"), self.header.get("fingerprint_parts"))
+                empty = "written" in file and not np.any(file["written"][:])
                 file.close()
-                self._discard_other_command(changed)
+                self._discard_other_command(changed, empty=empty)
                 return None
             problem = self._layout_problem(file)
             done = int(np.count_nonzero(file["written"][:])) if problem is None else 0
@@ -171,11 +175,17 @@ class CacheWriter:
         logger.info("resuming %s: %d of %d rows already written", self.partial, done, len(file["written"]))
         return file
 
-    def _discard_other_command(self, changed: str) -> None:
-        if not self.overwrite:
+    def _discard_other_command(self, changed: str, *, empty: bool) -> None:
+        # A partial without rows is what an error in the first batch leaves (for example a float16
+        # overflow), so the corrected command replaces it without --overwrite.
+        if empty:
+            logger.info("replacing %s, which another command started but which holds no rows (%s)", self.partial,
+                        changed)
+        elif not self.overwrite:
             raise CacheError(f"{self.partial} was started by a different command ({changed}); pass --overwrite "
                              "to discard it and start over, or rerun the command that started it")
-        logger.warning("discarding %s, which was started by a different command (%s)", self.partial, changed)
+        else:
+            logger.warning("discarding %s, which was started by a different command (%s)", self.partial, changed)
         # Free its space before the new file is built next to it.
         self.partial.unlink()
 

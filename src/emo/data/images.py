@@ -5,12 +5,20 @@ import io
 import warnings
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Exceptions Pillow raises for a damaged or hostile file, besides UnidentifiedImageError and the
 # decompression-bomb error and warning. Pillow's own fuzz tests (Tests/test_fuzzers.py) accept
 # exactly these from decoding. decode_rgb turns each into a BadImageError.
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, MemoryError, NotImplementedError, OverflowError)
+# Pillow modes of 16-bit grayscale: PNG and TIFF open as I;16 (or I;16B), 16-bit PGM as I.
+# convert("RGB") clips these to 255 instead of scaling them.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Modes with an alpha channel; palette, grayscale and RGB images can also carry a transparent colour.
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+# Transparent pixels are shown over white, as browsers and image viewers show them on a white page.
+BACKGROUND = (255, 255, 255)
 
 
 class BadImageError(Exception):
@@ -26,6 +34,7 @@ def load_rgb(path: Path | str, *, draft_size: int | None = None) -> Image.Image:
     """Load an image upright and in RGB.
 
     EXIF orientation is applied and CMYK, grayscale and palette images are converted to RGB.
+    16-bit grayscale is scaled to 8 bits, and transparent pixels are composited over white.
     Images over Pillow's pixel limit (``Image.MAX_IMAGE_PIXELS``) raise BadImageError.
 
     Args:
@@ -60,7 +69,7 @@ def decode_rgb(data: bytes, path: Path, *, draft_size: int | None = None) -> Ima
             if draft_size is not None and image.format == "JPEG":
                 image.draft("RGB", (draft_size, draft_size))
             image = ImageOps.exif_transpose(image)
-            return image.convert("RGB")
+            return to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise BadImageError(path, f"decompression bomb ({error})") from error
     except UnidentifiedImageError as error:
@@ -68,6 +77,27 @@ def decode_rgb(data: bytes, path: Path, *, draft_size: int | None = None) -> Ima
     except IMAGE_ERRORS as error:
         reason = "truncated" if "truncated" in str(error).lower() else f"unreadable ({type(error).__name__}: {error})"
         raise BadImageError(path, reason) from error
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert ``image`` to 8-bit RGB as a viewer shows it.
+
+    16-bit grayscale (0..65535) is divided by 257 to 0..255. Transparent pixels are composited
+    over a white background before the alpha channel is dropped.
+
+    Example:
+        >>> to_rgb(Image.new("I;16", (1, 1), 65535)).getpixel((0, 0))
+        (255, 255, 255)
+    """
+    if image.mode in SIXTEEN_BIT_MODES:
+        # NOTE: mode I can also hold 32-bit values (some TIFFs); values above 65535 become white.
+        pixels = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
+        background = Image.new("RGBA", image.size, (*BACKGROUND, 255))
+        background.alpha_composite(image.convert("RGBA"))
+        return background.convert("RGB")
+    return image.convert("RGB")
 
 
 def check_image(path: Path) -> str:

@@ -69,8 +69,9 @@ def find_samples(data: Path, *, labels_csv: Path | None = None, path_column: str
         label_column: the column of labels in a CSV.
 
     Returns:
-        The root that relative paths start from, the samples, and files already known to be unusable
-        (symlinks leaving the root, missing files).
+        The root that relative paths start from, the samples sorted by relative path, and files
+        already known to be unusable (symlinks leaving the root, missing files). The sort makes
+        the split depend only on the samples, not on whether they came from folders or a CSV.
     """
     data = Path(data)
     if not data.exists():
@@ -78,10 +79,36 @@ def find_samples(data: Path, *, labels_csv: Path | None = None, path_column: str
     if data.is_file():
         if data.suffix.lower() != ".csv":
             raise DataError(f"dataset {str(data)!r} is a file but not a .csv manifest")
-        return data.parent, *_read_manifest(data, data.parent, path_column, label_column)
-    if labels_csv is not None:
-        return data, *_read_manifest(Path(labels_csv), data, path_column, label_column)
-    return data, *_walk_image_folder(data)
+        if labels_csv is not None:
+            raise DataError(f"--labels {labels_csv} cannot be combined with the manifest {data}, whose labels "
+                            "would be ignored; put the labels in a column of the manifest and choose it with "
+                            "--label-column")
+        root, (samples, bad) = data.parent, _read_manifest(data, data.parent, path_column, label_column)
+    elif labels_csv is not None:
+        root, (samples, bad) = data, _read_manifest(Path(labels_csv), data, path_column, label_column)
+        _warn_unlisted_images(data, {sample.relpath for sample in samples} | _relpaths(bad, data), labels_csv)
+    else:
+        root, (samples, bad) = data, _walk_image_folder(data)
+    return root, sorted(samples, key=lambda sample: sample.relpath), bad
+
+
+def _relpaths(bad: list[BadImageError], root: Path) -> set[str]:
+    return {Path(error.path).relative_to(root).as_posix() for error in bad if Path(error.path).is_relative_to(root)}
+
+
+def _warn_unlisted_images(root: Path, listed: set[str], labels_csv: Path) -> None:
+    """Log a warning when image files under ``root`` are missing from the labels CSV, which leaves them out."""
+    unlisted = []
+    # followlinks=False and hidden names skipped, as in the folder scan.
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(name for name in dirnames if not is_hidden(name))
+        for name in sorted(filenames):
+            relpath = (Path(dirpath) / name).relative_to(root).as_posix()
+            if not is_hidden(name) and Path(name).suffix.lower() in IMAGE_EXTENSIONS and relpath not in listed:
+                unlisted.append(relpath)
+    if unlisted:
+        logger.warning("%d image(s) under %s are not listed in --labels %s and are left out, e.g. %s",
+                       len(unlisted), root, labels_csv, unlisted[0])
 
 
 def _walk_image_folder(root: Path) -> tuple[list[Sample], list[BadImageError]]:

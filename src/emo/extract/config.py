@@ -3,9 +3,12 @@
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from emo.data.split import check_seed
 from emo.stages import validate_arch
 
 DTYPES = ("float16", "float32")
+# The smallest crop whose layer4 output (stride 32) is a whole 1x1 map.
+MIN_IMAGE_SIZE = 32
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -32,19 +35,22 @@ class ExtractConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        # Messages name the CLI option of each field.
         validate_arch(self.arch)
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("precision", self.precision, PRECISIONS)
-        _check_positive("image_size", self.image_size, minimum=32)
-        _check_positive("batch_size", self.batch_size)
+        _check_choice("--dtype", self.dtype, DTYPES)
+        _check_choice("--precision", self.precision, PRECISIONS)
+        _check_positive("--image-size", self.image_size, minimum=MIN_IMAGE_SIZE)
+        _check_positive("--batch-size", self.batch_size)
         if self.workers < 0:
-            raise ValueError(f"workers must be 0 or more, got {self.workers}")
+            raise ValueError(f"--workers must be 0 or more, got {self.workers}")
+        check_seed(self.seed)
         if Path(self.out).suffix not in (".h5", ".hdf5"):
             raise ValueError(f"output {str(self.out)!r} should end in .h5 or .hdf5")
 
     def to_json(self) -> dict:
-        """Return the config as JSON-ready values."""
-        return {key: str(value) if isinstance(value, Path) else value for key, value in asdict(self).items()}
+        """Return the config as JSON-ready values, with absolute paths."""
+        return {key: str(Path(value).resolve()) if isinstance(value, Path) else value
+                for key, value in asdict(self).items()}
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -94,7 +94,8 @@ def extract(config: ExtractConfig) -> ExtractSummary:
 def _resolve_split(config: ExtractConfig, dataset: Dataset) -> list[str]:
     labels = [sample.label for sample in dataset.samples]
     if config.split_file is not None:
-        return read_split_csv(config.split_file, [sample.relpath for sample in dataset.samples], labels=labels)
+        return read_split_csv(config.split_file, [sample.relpath for sample in dataset.samples], labels=labels,
+                              sha256=dataset.sha256, root=dataset.root)
     return make_split(labels, seed=config.seed)
 
 

@@ -1,9 +1,11 @@
 """Configuration of ``emo fit-heads``."""
 
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from emo.data.sampling import SAMPLINGS
+from emo.data.split import check_seed
 from emo.stages import STAGE_NAMES
 
 # Ways to combine the branch probabilities of several stages into one prediction: a learned
@@ -37,23 +39,26 @@ class FitHeadsConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        # Messages name the CLI option of each field, which is also its key in an ablation grid.
         if self.sampling not in SAMPLINGS:
-            raise ValueError(f"sampling {self.sampling!r} is not one of {', '.join(SAMPLINGS)}")
+            raise ValueError(f"--sampling {self.sampling!r} is not one of {', '.join(SAMPLINGS)}")
         if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion {self.fusion!r} is not one of {', '.join(FUSIONS)}")
+            raise ValueError(f"--fusion {self.fusion!r} is not one of {', '.join(FUSIONS)}")
         if self.stacking not in STACKINGS:
-            raise ValueError(f"stacking {self.stacking!r} is not one of {', '.join(STACKINGS)}")
+            raise ValueError(f"--stacking {self.stacking!r} is not one of {', '.join(STACKINGS)}")
         if not self.stages or any(stage not in STAGE_NAMES for stage in self.stages):
-            raise ValueError(f"stages {self.stages} must be a non-empty subset of {', '.join(STAGE_NAMES)}")
-        if self.epochs < 1 or self.stack_epochs < 0:
-            raise ValueError(f"epochs must be at least 1 and stack_epochs at least 0, got {self.epochs}, "
-                             f"{self.stack_epochs}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise ValueError(f"--stages {self.stages} must be a non-empty subset of {', '.join(STAGE_NAMES)}")
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.stack_epochs < 0:
+            raise ValueError(f"--stack-epochs must be 0 or more, got {self.stack_epochs}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr must be a positive number, got {self.lr}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        check_seed(self.seed)
 
     @property
     def combination(self) -> str:
@@ -80,10 +85,10 @@ class FitHeadsConfig:
         return "_".join(parts)
 
     def to_json(self) -> dict:
-        """Return the config as JSON-ready values."""
+        """Return the config as JSON-ready values, with absolute paths so a run works from any folder."""
         values = asdict(self)
         values["stages"] = list(self.stages)
-        return {key: str(value) if isinstance(value, Path) else value for key, value in values.items()}
+        return {key: str(Path(value).resolve()) if isinstance(value, Path) else value for key, value in values.items()}
 
 
 def _stage_label(stages: tuple[str, ...]) -> str:

@@ -147,7 +147,7 @@ def _resolve_entry(entry: dict, defaults: dict, *, where: str) -> dict:
             raise GridError(f"{where}: key {key!r} must be {expected}, got {value!r}")
         resolved[field] = _parse_stages(value, where=where, key=key) if field == "stages" else value
 
-    # FitHeadsConfig checks the values (ranges, choices); its message names the field.
+    # FitHeadsConfig checks the values (ranges, choices); its message names the option, which is the key.
     try:
         FitHeadsConfig(cache=Path(), out=Path(), **resolved)
     except ValueError as error:

@@ -10,8 +10,11 @@ from emo.heads.model import StackedHeads
 
 
 def write_head_run(config: FitHeadsConfig, *, model: StackedHeads, classes: list[str], backbone: dict,
-                   metrics: dict, history: list[dict]) -> Path:
+                   metrics: dict, history: list[dict], cache: dict | None = None) -> Path:
     """Write every file of a head run; the run is marked incomplete until the last one is in place.
+
+    ``cache`` is the :meth:`~emo.cache.reader.FeatureCache.run_record` of the training cache, which
+    ``emo evaluate`` compares with the cache it is given.
 
     Raises:
         RunError: if a file cannot be written (disk full, permissions); the directory then keeps
@@ -21,6 +24,8 @@ def write_head_run(config: FitHeadsConfig, *, model: StackedHeads, classes: list
     settings = {"kind": "heads", "name": config.name, "config": config.to_json(), "backbone": backbone,
                 "channels": model.channels, "dropout": config.dropout, "fusion": config.fusion,
                 "stacking": config.stacking}
+    if cache is not None:
+        settings["cache"] = cache
     try:
         runs.write_json_atomically(run_dir / "config.json", settings)
         runs.write_json_atomically(run_dir / "classes.json", classes)

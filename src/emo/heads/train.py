@@ -68,7 +68,7 @@ def fit_heads(config: FitHeadsConfig) -> dict:
     with FeatureCache(config.cache) as cache:
         _check_stages(cache, config.stages)
         splits = {name: load_split(cache, name, config.stages) for name in ("train", "val", "test")}
-        classes, backbone = cache.classes, cache.backbone_record()
+        classes, backbone, source = cache.classes, cache.backbone_record(), cache.run_record()
         channels = {name: cache.stages[name] for name in config.stages}
     _check_training_labels(splits["train"].labels, classes, config.cache)
     _check_finite(splits, config.cache)
@@ -90,7 +90,9 @@ def fit_heads(config: FitHeadsConfig) -> dict:
     metrics["val"] = {name: {key: values[key] for key in ("accuracy", "macro_recall")}
                       for name, values in evaluate_heads(model, splits["val"], classes)["models"].items()}
     metrics["seconds"] = time.perf_counter() - start
-    write_head_run(config, model=model, classes=classes, backbone=backbone, metrics=metrics, history=history)
+    require_finite_parameters(model, config, when="after training")
+    write_head_run(config, model=model, classes=classes, backbone=backbone, cache=source, metrics=metrics,
+                   history=history)
     return metrics
 
 
@@ -182,17 +184,31 @@ def _train_epoch(model: StackedHeads, train: SplitData, config: FitHeadsConfig, 
         features, labels = train.batch(index)
         logits = model.branch_logits(features)  # {stage: [B, K]}
         loss = _stacked_loss(model, logits, labels) if stacked else _branches_loss(logits, labels)
+        phase = "stacking" if stacked else "branch"
         if not torch.isfinite(loss):
-            phase = "stacking" if stacked else "branch"
             raise TrainingError(f"the training loss became {loss.item()} in epoch {epoch} of {phase} training; "
                                 f"stopped without writing a run, so {config.out} is unchanged. Lower --lr "
                                 f"(now {config.lr:g}) and rerun")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        # A step can overflow the parameters while the loss that led to it was still finite.
+        require_finite_parameters(model, config, when=f"in epoch {epoch} of {phase} training")
         total += loss.item() * len(index)
         count += len(index)
     return total / count
+
+
+def require_finite_parameters(model: torch.nn.Module, config: FitHeadsConfig, *, when: str) -> None:
+    """Raise TrainingError if any parameter or buffer of ``model`` is NaN or infinite.
+
+    Such a model predicts NaN for every image, so no run may be written from it.
+    """
+    for name, value in model.state_dict().items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise TrainingError(f"the head parameter {name} became NaN or infinite {when}, so training diverged; "
+                                f"stopped without writing a run, so {config.out} is unchanged. Lower --lr "
+                                f"(now {config.lr:g}) and rerun")
 
 
 def _branches_loss(logits: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
