@@ -1,0 +1,1 @@
+"""Datasets: scanning image folders and manifests, loading images, splits and transforms."""
