@@ -9,6 +9,7 @@ import click
 
 from emo.errors import EmoError
 from emo.stages import STAGE_NAMES, parse_stages
+from emo.units import parse_bytes
 
 logger = logging.getLogger("emo")
 
@@ -21,6 +22,15 @@ def _configure_logging(verbose: int) -> None:
 def _stages_option(ctx, param, value: str) -> tuple[str, ...]:
     try:
         return parse_stages(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from error
+
+
+def _bytes_option(ctx, param, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_bytes(value)
     except ValueError as error:
         raise click.BadParameter(str(error)) from error
 
@@ -60,11 +70,14 @@ device_option = click.option("--device", default="auto", show_default=True,
 @click.option("--image-size", default=224, show_default=True, help="Centre-crop size in pixels.")
 @click.option("--batch-size", default=32, show_default=True, help="Images per forward pass.")
 @click.option("--workers", default=2, show_default=True, help="DataLoader worker processes for decoding.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads of the forward pass  [default: torch's default, one per core]")
 @device_option
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Storage type of the cached features.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="Arithmetic of the forward pass.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="Arithmetic of the forward pass; auto picks bf16 where the hardware computes it natively "
+                   "(CUDA compute capability 8.0+, CPUs with AVX512-BF16 or AMX), else fp32.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the split and of random weights.")
 @click.option("--skip-bad", is_flag=True, help="Leave out unusable files instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache once the new one is complete.")
@@ -91,6 +104,11 @@ def extract(**options) -> None:
 @click.option("--batch-size", default=32, show_default=True, help="Mini-batch size.")
 @click.option("--dropout", default=0.0, show_default=True, help="Dropout probability before each head.")
 @click.option("--seed", default=0, show_default=True, help="Seed of initialisation and sampling.")
+@click.option("--max-memory", callback=_bytes_option, default=None,
+              help="Memory budget for the training features, e.g. 2GB or 512MiB; above it they are read "
+                   "from the cache in windows instead of loaded whole  [default: no limit]")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="torch CPU threads for training; mini-batches of linear heads gain nothing from more.")
 @click.option("--overwrite", is_flag=True, help="Replace a finished run in --out.")
 def fit_heads(**options) -> None:
     """Train branch heads and their weighted stacking on a feature CACHE."""

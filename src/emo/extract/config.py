@@ -3,10 +3,10 @@
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from emo.extract.precision import PRECISIONS
 from emo.stages import validate_arch
 
 DTYPES = ("float16", "float32")
-PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -24,9 +24,10 @@ class ExtractConfig:
     image_size: int = 224
     batch_size: int = 32
     workers: int = 2
+    threads: int | None = None
     device: str = "auto"
     dtype: str = "float16"
-    precision: str = "fp32"
+    precision: str = "auto"
     seed: int = 0
     skip_bad: bool = False
     overwrite: bool = False
@@ -39,6 +40,8 @@ class ExtractConfig:
         _check_positive("batch_size", self.batch_size)
         if self.workers < 0:
             raise ValueError(f"workers must be 0 or more, got {self.workers}")
+        if self.threads is not None:
+            _check_positive("threads", self.threads)
         if Path(self.out).suffix not in (".h5", ".hdf5"):
             raise ValueError(f"output {str(self.out)!r} should end in .h5 or .hdf5")
 

@@ -10,18 +10,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch import nn
 from tqdm.auto import tqdm
 
-from emo.backbone import IMAGENET_MEAN, IMAGENET_STD, StageFeatures, build_resnet, resolve_device
+from emo.backbone import IMAGENET_MEAN, IMAGENET_STD, build_resnet, resolve_device
 from emo.cache.schema import split_csv_path
-from emo.cache.writer import CacheWriter
-from emo.data.dataset import ImageFiles
+from emo.cache.writer import CHUNK_ROWS, CacheWriter
 from emo.data.scan import Dataset, scan_dataset
 from emo.data.split import make_split, read_split_csv, write_split_csv
-from emo.data.transforms import eval_transform, resize_size
+from emo.data.transforms import resize_size
 from emo.extract.config import ExtractConfig
+from emo.extract.forward import inference_backbone, pooled_stages
+from emo.extract.loading import extraction_loader, normalize_batch
+from emo.extract.precision import resolve_precision
+from emo.extract.rows import RowBuffer
 from emo.stages import stage_infos
+from emo.threads import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +64,12 @@ def extract(config: ExtractConfig) -> ExtractSummary:
         >>> extract(ExtractConfig(data=Path("emotion6"), out=Path("e6.h5"), weights="random"))  # doctest: +SKIP
     """
     device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
     model, weights = build_resnet(config.arch, config.weights, seed=config.seed)
     dataset = scan_dataset(config.data, labels_csv=config.labels, path_column=config.path_column,
                            label_column=config.label_column, skip_bad=config.skip_bad, workers=max(config.workers, 1))
     split = _resolve_split(config, dataset)
-    header = _cache_header(config, dataset, split, weights)
+    header = _cache_header(config, dataset, split, weights, precision)
     columns = {"labels": dataset.label_indices(), "split": split,
                "paths": [sample.relpath for sample in dataset.samples], "sha256": dataset.sha256}
     stages = {info.name: info.channels for info in stage_infos(config.arch)}
@@ -73,7 +78,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
                      overwrite=config.overwrite) as writer:
         pending = writer.pending_rows()
         start = time.perf_counter()
-        _write_features(writer, StageFeatures(model), dataset, pending, config, device)
+        _write_features(writer, model, dataset, pending, config, device=device, precision=precision)
         seconds = time.perf_counter() - start
         writer.finish()
 
@@ -94,10 +99,10 @@ def _resolve_split(config: ExtractConfig, dataset: Dataset) -> list[str]:
     return make_split(labels, seed=config.seed)
 
 
-def _cache_header(config: ExtractConfig, dataset: Dataset, split: list[str], weights) -> dict:
+def _cache_header(config: ExtractConfig, dataset: Dataset, split: list[str], weights, precision: str) -> dict:
     header = {
         "classes": dataset.classes, "arch": config.arch, "image_size": config.image_size,
-        "resize_size": resize_size(config.image_size), "precision": config.precision,
+        "resize_size": resize_size(config.image_size), "precision": precision,
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "weights": {"spec": weights.spec, "source": weights.source, "sha256": weights.sha256,
                     "seed": config.seed},
@@ -118,24 +123,33 @@ def _fingerprint(header: dict, dataset: Dataset, split: list[str], dtype: str) -
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def _write_features(writer: CacheWriter, features: StageFeatures, dataset: Dataset, pending: np.ndarray,
-                    config: ExtractConfig, device: torch.device) -> None:
+def _write_features(writer: CacheWriter, model: nn.Module, dataset: Dataset, pending: np.ndarray,
+                    config: ExtractConfig, *, device: torch.device, precision: str) -> None:
+    """Run the forward pass over the ``pending`` rows and write their pooled stage outputs.
+
+    Loader workers decode the next batches while the backbone runs, and rows reach the file in
+    blocks of whole chunks, so decoding and writing overlap the forward pass.
+    """
     if not len(pending):
         return
-    features = features.to(device, memory_format=torch.channels_last).eval()
-    images = ImageFiles([dataset.path(i) for i in range(len(dataset.samples))], dataset.label_indices(),
-                        eval_transform(config.image_size), draft_size=resize_size(config.image_size))
-    loader = DataLoader(Subset(images, pending.tolist()), batch_size=config.batch_size, shuffle=False,
-                        num_workers=config.workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    features = inference_backbone(model, device)
+    paths = [dataset.path(i) for i in range(len(dataset.samples))]
+    loader = extraction_loader(paths, pending.tolist(), image_size=config.image_size,
+                               batch_size=config.batch_size, workers=config.workers, device=device)
+    buffer = RowBuffer(writer, block_rows=_block_rows(config.batch_size))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
-    with torch.inference_mode(), autocast, tqdm(total=len(pending), desc="extract", unit="img") as bar:
-        for batch, _, rows in loader:
-            batch = batch.to(device, non_blocking=True, memory_format=torch.channels_last)
-            pooled = features(batch)  # {stage: [B, C]}
-            writer.write(rows.numpy(), {name: value.float().cpu().numpy() for name, value in pooled.items()})
+    with torch_threads(config.threads), torch.inference_mode(), autocast, \
+            tqdm(total=len(pending), desc="extract", unit="img") as bar:
+        for crops, rows in loader:
+            buffer.add(rows, pooled_stages(features, normalize_batch(crops, device)))  # {stage: [B, C]}
             bar.update(len(rows))
+        buffer.flush()
+
+
+def _block_rows(batch_size: int) -> int:
+    """Return the rows per cache write: whole batches that fill at least one HDF5 chunk."""
+    return -(-CHUNK_ROWS // batch_size) * batch_size
 
 
 def _write_split_atomically(path: Path, dataset: Dataset, split: list[str]) -> None:

@@ -23,8 +23,10 @@ from emo.data.sampling import make_sampler
 from emo.errors import CacheError
 from emo.evaluate.metrics import compute_metrics
 from emo.heads.config import FitHeadsConfig
+from emo.heads.data import InMemoryRows, StageColumns, StreamedRows, read_matrix, row_bytes
 from emo.heads.model import StackedHeads
 from emo.heads.outputs import write_head_run
+from emo.threads import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +44,36 @@ class SplitData:
 
 
 def load_split(cache: FeatureCache, split: str, stages: tuple[str, ...]) -> SplitData:
-    """Read the features of ``stages`` and the labels of one split into tensors."""
-    features = {name: torch.from_numpy(cache.features(name, split)) for name in stages}
-    return SplitData(features, torch.from_numpy(cache.labels(split)).long())
+    """Read the features of ``stages`` and the labels of one split into tensors.
+
+    The stages share one matrix, so each feature tensor is a column slice of it.
+    """
+    columns = StageColumns.of({name: cache.stages[name] for name in stages})
+    matrix = torch.from_numpy(read_matrix(cache, cache.indices(split), columns))
+    return SplitData(columns.split(matrix), torch.from_numpy(cache.labels(split)).long())
+
+
+def load_train_rows(cache: FeatureCache, config: FitHeadsConfig) -> InMemoryRows | StreamedRows:
+    """Return the training rows of ``config.stages``: in memory, or streamed when they exceed ``config.max_memory``.
+
+    Raises:
+        ValueError: if ``config.max_memory`` cannot hold one mini-batch of training rows.
+    """
+    columns = StageColumns.of({name: cache.stages[name] for name in config.stages})
+    rows = cache.indices("train")
+    labels = torch.from_numpy(cache.labels("train")).long()
+    needed = len(rows) * row_bytes(columns)
+    if config.max_memory is None or needed <= config.max_memory:
+        return InMemoryRows(torch.from_numpy(read_matrix(cache, rows, columns)), labels, columns)
+
+    window_rows = config.max_memory // row_bytes(columns)
+    if window_rows < config.batch_size:
+        raise ValueError(f"max_memory of {config.max_memory} bytes holds {window_rows} training rows, fewer than "
+                         f"one batch of {config.batch_size}; raise --max-memory to at least "
+                         f"{config.batch_size * row_bytes(columns)} bytes")
+    logger.info("training features need %.1f MB, more than max_memory (%.1f MB); streaming them from %s "
+                "in windows of %d rows", needed / 1e6, config.max_memory / 1e6, cache.path, window_rows)
+    return StreamedRows(cache.path, rows, labels, columns, window_rows=window_rows)
 
 
 def fit_heads(config: FitHeadsConfig) -> dict:
@@ -60,25 +89,36 @@ def fit_heads(config: FitHeadsConfig) -> dict:
     Example:
         >>> fit_heads(FitHeadsConfig(cache=Path("e6.h5"), out=Path("runs/heads")))  # doctest: +SKIP
     """
+    with torch_threads(config.threads):
+        return _fit_heads(config)
+
+
+def _fit_heads(config: FitHeadsConfig) -> dict:
     start = time.perf_counter()
     with FeatureCache(config.cache) as cache:
         _check_stages(cache, config.stages)
-        splits = {name: load_split(cache, name, config.stages) for name in ("train", "val", "test")}
+        train = load_train_rows(cache, config)
+        splits = {"train": train, "val": load_split(cache, "val", config.stages)}
         classes, backbone = cache.classes, cache.backbone_record()
         channels = {name: cache.stages[name] for name in config.stages}
-    _check_training_labels(splits["train"].labels, classes, config.cache)
+    _check_training_labels(train.labels, classes, config.cache)
 
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model = StackedHeads(channels, len(classes), dropout=config.dropout)
     for name, head in model.branches.items():
-        head.set_standardization(splits["train"].features[name])
+        head.set_statistics(*train.statistics(name))
 
-    history = train_branches(model, splits, config, generator)
-    if len(config.stages) > 1 and config.stack_epochs > 0:
-        history += train_stacking(model, splits, config, generator)
+    with train:
+        history = train_branches(model, splits, config, generator)
+        if len(config.stages) > 1 and config.stack_epochs > 0:
+            history += train_stacking(model, splits, config, generator)
 
-    metrics = evaluate_heads(model, splits["test"], classes)
+    # The test split is read only now that the training rows are freed, which lowers peak memory.
+    del splits, train
+    with FeatureCache(config.cache) as cache:
+        test = load_split(cache, "test", config.stages)
+    metrics = evaluate_heads(model, test, classes)
     metrics["seconds"] = time.perf_counter() - start
     write_head_run(config, model=model, classes=classes, backbone=backbone, metrics=metrics, history=history)
     return metrics
@@ -105,8 +145,14 @@ def epoch_batches(labels: torch.Tensor, config: FitHeadsConfig, generator: torch
 
 
 def _sgd(parameters, config: FitHeadsConfig) -> torch.optim.SGD:
-    return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, nesterov=True,
-                           weight_decay=config.weight_decay)
+    parameters = list(parameters)
+    options = dict(lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay)
+    try:
+        # The fused kernel updates every parameter in one call instead of five operators per tensor,
+        # a large part of a mini-batch step of small linear heads.
+        return torch.optim.SGD(parameters, fused=True, **options)
+    except RuntimeError:  # torch before 2.4 fuses SGD on CUDA only
+        return torch.optim.SGD(parameters, **options)
 
 
 def train_branches(model: StackedHeads, splits: dict[str, SplitData], config: FitHeadsConfig,
@@ -156,19 +202,18 @@ def train_stacking(model: StackedHeads, splits: dict[str, SplitData], config: Fi
     return history
 
 
-def _train_epoch(model: StackedHeads, train: SplitData, config: FitHeadsConfig, generator: torch.Generator,
-                 optimizer: torch.optim.Optimizer, *, stacked: bool) -> float:
+def _train_epoch(model: StackedHeads, train: InMemoryRows | StreamedRows, config: FitHeadsConfig,
+                 generator: torch.Generator, optimizer: torch.optim.Optimizer, *, stacked: bool) -> float:
     model.train()
     total, count = 0.0, 0
-    for index in epoch_batches(train.labels, config, generator):
-        features, labels = train.batch(index)
+    for features, labels in train.batches(epoch_batches(train.labels, config, generator)):
         logits = model.branch_logits(features)  # {stage: [B, K]}
         loss = _stacked_loss(model, logits, labels) if stacked else _branches_loss(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item() * len(index)
-        count += len(index)
+        total += loss.item() * len(labels)
+        count += len(labels)
     return total / count
 
 
