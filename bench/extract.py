@@ -22,7 +22,6 @@ Usage:
 
 import argparse
 import csv
-import dataclasses
 import json
 import os
 import shutil
@@ -41,6 +40,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from emo.cache import FeatureCache
 from emo.data.transforms import eval_transform
 from emo.extract import ExtractConfig, extract
+from emo.extract.loading import default_workers
 from emo.stages import STAGE_NAMES, stage_infos
 
 from machine import Timer, machine_lines, machine_record, markdown_table, peak_rss_mb, run_child
@@ -234,22 +234,16 @@ def report(args, record: dict, results: dict) -> list[str]:
         lines += [f"Smallest cosine similarity between a bf16 and the fp32 pooled row of the same image: "
                   f"{worst:.5f} (" + ", ".join(f"{k} {v:.5f}" for k, v in results["cosine"].items()) + ")", ""]
     rss = results["rss"]
-    growth = rss[1]["peak_rss_mb"]["self"] / rss[0]["peak_rss_mb"]["self"] - 1
-    lines += [f"Peak resident memory of `emo extract` ({results['rss_precision']}) in a fresh process: "
-              f"{rss[0]['peak_rss_mb']['self']:.0f} MB for {rss[0]['images']} images, "
-              f"{rss[1]['peak_rss_mb']['self']:.0f} MB for {rss[1]['images']} ({growth:+.1%}); largest loader "
-              f"worker {rss[0]['peak_rss_mb']['children']:.0f} MB and {rss[1]['peak_rss_mb']['children']:.0f} MB.", ""]
+    growth = rss[1]["peak_rss_mb"] / rss[0]["peak_rss_mb"] - 1
+    lines += [f"Peak resident memory of the `emo extract` process ({results['rss_precision']}, loader workers "
+              f"not counted) in a fresh interpreter: {rss[0]['peak_rss_mb']:.0f} MB for {rss[0]['images']} images, "
+              f"{rss[1]['peak_rss_mb']:.0f} MB for {rss[1]['images']} ({growth:+.1%}).", ""]
     if results.get("sweep"):
         lines += ["Threads and loader workers of `emo extract` (fp32):", ""]
         lines += markdown_table(["threads", "workers", "images/s (whole call)", "images/s (loop)"],
                                 [[r["threads"], r["workers"], f"{r['images_per_s']:.2f}",
                                   f"{r['loop_images_per_s']:.2f}"] for r in results["sweep"]]) + [""]
     return lines
-
-
-def default_workers() -> int:
-    """Return the default number of loader workers of ``emo extract``."""
-    return next(field.default for field in dataclasses.fields(ExtractConfig) if field.name == "workers")
 
 
 def parse_args() -> argparse.Namespace:
@@ -287,7 +281,7 @@ def main() -> None:
         data = work / "data"
         split_file = write_dataset(data, photos[:args.images])
         results = {"ceiling": {}, "emo": {}, "threads": torch.get_num_threads(),
-                   "workers": args.workers if args.workers is not None else default_workers()}
+                   "workers": args.workers if args.workers is not None else default_workers(torch.device("cpu"))}
         for precision in args.precisions:
             results["ceiling"][precision] = ceiling(photos[:args.images], arch=args.arch, image_size=args.image_size,
                                                     batch_size=args.batch_size, precision=precision)

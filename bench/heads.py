@@ -36,7 +36,7 @@ from emo.cache.synthetic import write_synthetic_cache
 from emo.heads import FitHeadsConfig, fit_heads
 from emo.units import parse_bytes
 
-from machine import Timer, machine_lines, machine_record, markdown_table, peak_rss_mb, run_child
+from machine import Timer, current_rss_mb, machine_lines, machine_record, markdown_table, peak_rss_mb, run_child
 
 CLASSES = ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"]
 
@@ -46,10 +46,10 @@ def fit_child(task: dict) -> dict:
     config = FitHeadsConfig(cache=Path(task["cache"]), out=Path(task["out"]), stages=tuple(task["stages"]),
                             epochs=task["epochs"], stack_epochs=task["stack_epochs"], max_memory=task["max_memory"],
                             overwrite=True)
-    before = peak_rss_mb()["self"]
+    before = current_rss_mb()
     with Timer() as timer:
         metrics = fit_heads(config)
-    return {"wall": timer.wall, "cpu": timer.cpu, "peak_rss_mb": peak_rss_mb()["self"], "rss_before_mb": before,
+    return {"wall": timer.wall, "cpu": timer.cpu, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": before,
             "threads": config.threads, "accuracy": {name: m["accuracy"] for name, m in metrics["models"].items()},
             "models": metrics["models"]}
 
@@ -82,6 +82,14 @@ def fit_task(cache: Path, out: Path, args, *, stages: list[str], epochs: int, ma
             "stack_epochs": args.stack_epochs, "max_memory": max_memory}
 
 
+def memory_note(result: dict) -> str:
+    """Return the peak memory of a fit-heads child, and its growth over the imports, as table text."""
+    note = f"peak RSS {result['peak_rss_mb']:.0f} MB"
+    if result["rss_before_mb"] is not None:
+        note += f", {result['peak_rss_mb'] - result['rss_before_mb']:.0f} MB above the process before training"
+    return note
+
+
 def report(args, record: dict, results: dict) -> list[str]:
     """Return the Markdown block of a benchmark run."""
     command = "python bench/heads.py " + " ".join(sys.argv[1:])
@@ -110,10 +118,10 @@ def report(args, record: dict, results: dict) -> list[str]:
          + ("" if sk["converged"] else ", did not converge")],
         [f"fit-heads in memory, {args.stream_epochs} epochs", f"{in_memory['wall']:.1f}", f"{in_memory['cpu']:.1f}",
          f"{in_memory['accuracy']['stacked']:.4f} stacked",
-         f"peak RSS {in_memory['peak_rss_mb']:.0f} MB ({in_memory['rss_before_mb']:.0f} MB before training)"],
+         memory_note(in_memory)],
         [f"fit-heads --max-memory {args.max_memory}, {args.stream_epochs} epochs", f"{streamed['wall']:.1f}",
          f"{streamed['cpu']:.1f}", f"{streamed['accuracy']['stacked']:.4f} stacked",
-         f"peak RSS {streamed['peak_rss_mb']:.0f} MB ({streamed['rss_before_mb']:.0f} MB before training)"],
+         memory_note(streamed)],
     ]) + [""]
     same = "identical to" if streamed["models"] == in_memory["models"] else "DIFFERENT from"
     lines += [f"Training features: {results['train_mb']:.0f} MB as float32 (cache file {results['cache_mb']:.0f} MB); "

@@ -49,11 +49,34 @@ def machine_lines(record: dict) -> list[str]:
     ]
 
 
-def peak_rss_mb() -> dict:
-    """Return the peak resident memory in MB of this process and of its largest finished child."""
+def _proc_status_mb(key: str) -> float | None:
+    try:
+        with open("/proc/self/status") as file:
+            for line in file:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024  # the value is in kB
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """Return the peak resident memory of this process in MB.
+
+    On Linux this is VmHWM, which starts afresh in a new program. ``ru_maxrss``, the fallback
+    elsewhere, keeps the peak of the parent process across fork and exec, so there it can
+    overstate a child's peak.
+    """
+    peak = _proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
     scale = 1024 if sys.platform != "darwin" else 1024 * 1024  # ru_maxrss is KiB on Linux, bytes on macOS
-    return {"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale,
-            "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / scale}
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+def current_rss_mb() -> float | None:
+    """Return the resident memory of this process in MB now, or None where /proc is missing."""
+    return _proc_status_mb("VmRSS")
 
 
 def run_child(script: str, task: dict) -> dict:

@@ -28,7 +28,7 @@ def test_extract_bench_tiny_run():
     assert "| emo extract bf16 / ceiling fp32 |" in output
     assert "| baseline fp32 |" in output
     assert "Smallest cosine similarity" in output
-    assert "Peak resident memory of `emo extract`" in output
+    assert "Peak resident memory of the `emo extract` process" in output
     assert "| 1 | 0 |" in output
 
 

@@ -14,7 +14,7 @@ from emo.data.images import load_rgb
 from emo.data.transforms import eval_transform, resize_size
 from emo.extract import extract
 from emo.extract.forward import fold_batch_norms, inference_backbone, pooled_stages
-from emo.extract.loading import CroppedImages, extraction_loader, normalize_batch
+from emo.extract.loading import CroppedImages, default_workers, extraction_loader, normalize_batch
 from emo.extract.precision import read_cpu_flags, resolve_precision
 from emo.extract.rows import RowBuffer
 from emo.threads import torch_threads
@@ -185,3 +185,20 @@ def test_extraction_with_workers_equals_without(image_folder, tmp_path):
     extract(tiny_extract_config(image_folder, pooled, workers=2, threads=1))
     with FeatureCache(alone) as first, FeatureCache(pooled) as second:
         np.testing.assert_array_equal(first.features("L4"), second.features("L4"))
+
+
+@pytest.mark.parametrize("device, cores, expected", [
+    ("cpu", 1, 1), ("cpu", 2, 1), ("cpu", 16, 2), ("cuda", 1, 1), ("cuda", 16, 15),
+])
+def test_default_workers_follow_device_and_cores(device, cores, expected):
+    assert default_workers(torch.device(device), cores=cores) == expected
+
+
+def test_config_rejects_negative_workers(image_folder, tmp_path):
+    with pytest.raises(ValueError, match="workers must be 0 or more, got -1"):
+        tiny_extract_config(image_folder, tmp_path / "c.h5", workers=-1)
+
+
+def test_config_rejects_zero_threads(image_folder, tmp_path):
+    with pytest.raises(ValueError, match="threads must be at least 1, got 0"):
+        tiny_extract_config(image_folder, tmp_path / "c.h5", threads=0)

@@ -69,7 +69,9 @@ device_option = click.option("--device", default="auto", show_default=True,
 @click.option("--arch", default="resnet101", show_default=True, help="torchvision ResNet: resnet18/34/50/101/152.")
 @click.option("--image-size", default=224, show_default=True, help="Centre-crop size in pixels.")
 @click.option("--batch-size", default=32, show_default=True, help="Images per forward pass.")
-@click.option("--workers", default=2, show_default=True, help="DataLoader worker processes for decoding.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="DataLoader worker processes for decoding  [default: one per 8 cores on the CPU, every core "
+                   "but one with CUDA]")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads of the forward pass  [default: torch's default, one per core]")
 @device_option

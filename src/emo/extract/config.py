@@ -23,7 +23,7 @@ class ExtractConfig:
     arch: str = "resnet101"
     image_size: int = 224
     batch_size: int = 32
-    workers: int = 2
+    workers: int | None = None
     threads: int | None = None
     device: str = "auto"
     dtype: str = "float16"
@@ -38,7 +38,7 @@ class ExtractConfig:
         _check_choice("precision", self.precision, PRECISIONS)
         _check_positive("image_size", self.image_size, minimum=32)
         _check_positive("batch_size", self.batch_size)
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise ValueError(f"workers must be 0 or more, got {self.workers}")
         if self.threads is not None:
             _check_positive("threads", self.threads)

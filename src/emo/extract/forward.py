@@ -1,5 +1,8 @@
 """The frozen backbone in its fastest inference form, and the pooled stage outputs of a batch."""
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -50,6 +53,20 @@ def inference_backbone(resnet: nn.Module, device: torch.device) -> StageFeatures
     """
     features = StageFeatures(fold_batch_norms(resnet.eval()))
     return features.to(device, memory_format=torch.channels_last).eval()
+
+
+@contextlib.contextmanager
+def cudnn_autotuning(device: torch.device) -> Iterator[None]:
+    """Let cuDNN time its convolution algorithms once per input shape on CUDA, then restore the setting.
+
+    Extraction runs the same batch shape thousands of times, so the one-off timing pays back.
+    """
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = previous or device.type == "cuda"
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 def pooled_stages(features: StageFeatures, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -20,8 +20,8 @@ from emo.data.scan import Dataset, scan_dataset
 from emo.data.split import make_split, read_split_csv, write_split_csv
 from emo.data.transforms import resize_size
 from emo.extract.config import ExtractConfig
-from emo.extract.forward import inference_backbone, pooled_stages
-from emo.extract.loading import extraction_loader, normalize_batch
+from emo.extract.forward import cudnn_autotuning, inference_backbone, pooled_stages
+from emo.extract.loading import default_workers, extraction_loader, normalize_batch
 from emo.extract.precision import resolve_precision
 from emo.extract.rows import RowBuffer
 from emo.stages import stage_infos
@@ -66,8 +66,9 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     model, weights = build_resnet(config.arch, config.weights, seed=config.seed)
+    # Scanning finishes before the forward pass starts, so it may use every core.
     dataset = scan_dataset(config.data, labels_csv=config.labels, path_column=config.path_column,
-                           label_column=config.label_column, skip_bad=config.skip_bad, workers=max(config.workers, 1))
+                           label_column=config.label_column, skip_bad=config.skip_bad, workers=os.cpu_count() or 1)
     split = _resolve_split(config, dataset)
     header = _cache_header(config, dataset, split, weights, precision)
     columns = {"labels": dataset.label_indices(), "split": split,
@@ -129,17 +130,21 @@ def _write_features(writer: CacheWriter, model: nn.Module, dataset: Dataset, pen
 
     Loader workers decode the next batches while the backbone runs, and rows reach the file in
     blocks of whole chunks, so decoding and writing overlap the forward pass.
+
+    NOTE: the CUDA path (pinned host memory, non-blocking copies, bf16 autocast, cuDNN
+    autotuning) has not been run on a GPU yet, and JPEGs are always decoded on the CPU.
     """
     if not len(pending):
         return
     features = inference_backbone(model, device)
     paths = [dataset.path(i) for i in range(len(dataset.samples))]
+    workers = config.workers if config.workers is not None else default_workers(device)
     loader = extraction_loader(paths, pending.tolist(), image_size=config.image_size,
-                               batch_size=config.batch_size, workers=config.workers, device=device)
+                               batch_size=config.batch_size, workers=workers, device=device)
     buffer = RowBuffer(writer, block_rows=_block_rows(config.batch_size))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
-    with torch_threads(config.threads), torch.inference_mode(), autocast, \
+    with torch_threads(config.threads), cudnn_autotuning(device), torch.inference_mode(), autocast, \
             tqdm(total=len(pending), desc="extract", unit="img") as bar:
         for crops, rows in loader:
             buffer.add(rows, pooled_stages(features, normalize_batch(crops, device)))  # {stage: [B, C]}
