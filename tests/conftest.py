@@ -29,9 +29,9 @@ def image_folder(tmp_path_factory) -> Path:
 
 
 def tiny_extract_config(data: Path, out: Path, **overrides) -> ExtractConfig:
-    """An ExtractConfig for fast tests: resnet18, random weights, 32-pixel crops, no workers."""
+    """An ExtractConfig for fast tests: resnet18, random weights, 32-pixel crops, no workers, fp32."""
     options = dict(data=data, out=out, weights="random", arch="resnet18", image_size=32, batch_size=8,
-                   workers=0, device="cpu", dtype="float32")
+                   workers=0, device="cpu", dtype="float32", precision="fp32")
     options.update(overrides)
     return ExtractConfig(**options)
 

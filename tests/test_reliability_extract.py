@@ -156,10 +156,12 @@ def test_changed_command_does_not_resume(tmp_path, monkeypatch, change, reason):
     data = small_dataset(tmp_path)
     out = tmp_path / "cache.h5"
     partial = interrupted_partial(data, out, monkeypatch)
+    rows_before = written_rows(partial)
     with pytest.raises(CacheError, match="started by a different command") as error:
         extract(tiny_extract_config(data, out, **change))
     assert reason in str(error.value)
-    assert written_rows(partial) == 4
+    assert rows_before > 0
+    assert written_rows(partial) == rows_before
 
 
 def test_changed_file_list_does_not_resume(tmp_path, monkeypatch):
@@ -370,11 +372,12 @@ def test_partial_open_in_another_program(tmp_path, monkeypatch):
     data = small_dataset(tmp_path)
     out = tmp_path / "cache.h5"
     partial = interrupted_partial(data, out, monkeypatch)
+    rows_before = written_rows(partial)
     h5py_file_failing(monkeypatch, "r+", "Unable to synchronously open file (unable to lock file, errno = 11, "
                                          "error message = 'Resource temporarily unavailable')")
     with pytest.raises(CacheError, match=f"{partial} is open in another program"):
         extract(tiny_extract_config(data, out, batch_size=2))
-    assert written_rows(partial) == 4
+    assert written_rows(partial) == rows_before
 
 
 def test_new_partial_cannot_be_reopened(tmp_path, monkeypatch):

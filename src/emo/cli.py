@@ -9,6 +9,7 @@ import click
 
 from emo.errors import EmoError
 from emo.stages import STAGE_NAMES, parse_stages
+from emo.units import parse_bytes
 
 logger = logging.getLogger("emo")
 
@@ -34,6 +35,15 @@ def _seeds_option(ctx, param, value: str) -> tuple[int, ...]:
     if not seeds:
         raise click.BadParameter(f"{value!r} lists no seed; give one or more, such as 0,1,2")
     return seeds
+
+
+def _bytes_option(ctx, param, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_bytes(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from error
 
 
 def _run(function, *args, **kwargs):
@@ -77,13 +87,17 @@ device_option = click.option("--device", default="auto", show_default=True,
 @click.option("--image-size", default=224, show_default=True,
               help="Centre-crop size in pixels, at least 32; the shorter side is first resized to 256/224 of it.")
 @click.option("--batch-size", default=32, show_default=True, help="Images per forward pass, at least 1.")
-@click.option("--workers", default=2, show_default=True,
-              help="DataLoader worker processes for decoding (0 = decode in the main process).")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="DataLoader worker processes for decoding, 0 = decode in the main process  [default: one per "
+                   "8 cores on the CPU, every core but one with CUDA]")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads of the forward pass  [default: torch's default, one per core]")
 @device_option
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Storage type of the cached features.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="Arithmetic of the forward pass.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="Arithmetic of the forward pass; auto picks bf16 where the hardware computes it natively "
+                   "(CUDA compute capability 8.0+, CPUs with AVX512-BF16 or AMX), else fp32.")
 @click.option("--seed", default=0, show_default=True,
               help="Seed of the split and of random weights, 0 to 4294967295.")
 @click.option("--skip-bad", is_flag=True, help="Leave out unusable files instead of stopping.")
@@ -122,6 +136,11 @@ def extract(**options) -> None:
               help="Dropout probability before each head, in [0, 1).")
 @click.option("--seed", default=0, show_default=True,
               help="Seed of initialisation and sampling, 0 to 4294967295.")
+@click.option("--max-memory", callback=_bytes_option, default=None,
+              help="Memory budget for the training features, e.g. 2GB or 512MiB; above it they are read "
+                   "from the cache in windows instead of loaded whole  [default: no limit]")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="torch CPU threads for training; mini-batches of linear heads gain nothing from more.")
 @click.option("--overwrite", is_flag=True, help="Replace a finished run in --out, with its metric files.")
 def fit_heads(**options) -> None:
     """Train branch heads and their weighted stacking on a feature CACHE."""

@@ -7,12 +7,15 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
 from emo.cache.schema import FORMAT_NAME, REQUIRED_ATTRS, SCHEMA_VERSION
 from emo.errors import CacheError
 
 ROW_DATASETS = ("labels", "split", "paths", "written")
 JSON_ATTRS = ("classes", "stages", "weights", "normalization")
+# File rows per contiguous read in FeatureCache.read_rows; bounds its temporary copy to a few MB.
+READ_BLOCK_ROWS = 1024
 
 
 class FeatureCache:
@@ -78,13 +81,42 @@ class FeatureCache:
 
     def features(self, stage: str, split: str | None = None) -> np.ndarray:
         """Return the float32 features [rows, C] of one stage for one split."""
+        return self.read_rows(stage, self.indices(split))
+
+    def read_rows(self, stage: str, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Return the float32 features [len(rows), C] of one stage at the increasing row indices ``rows``.
+
+        Rows are read as contiguous blocks of the file and picked in memory, which is much faster
+        than h5py's selection of thousands of single rows.
+
+        Args:
+            stage: the stage name.
+            rows: row indices in increasing order.
+            out: a float32 array [len(rows), C] (a column slice of a larger array is fine) to fill
+                instead of allocating a new one.
+
+        Example:
+            >>> with FeatureCache("emotion6.h5") as cache:  # doctest: +SKIP
+            ...     cache.read_rows("L4", np.array([0, 5, 6])).shape
+            (3, 2048)
+        """
         if stage not in self.stages:
             raise CacheError(f"cache {self.path} has no stage {stage!r}; it has {', '.join(self.stages)}")
-        rows = self.indices(split)
         data = self._file["features"][stage]
+        rows = np.asarray(rows, dtype=np.int64)
+        if out is None:
+            out = np.empty((len(rows), data.shape[1]), dtype=np.float32)
         if not len(rows):
-            return np.zeros((0, data.shape[1]), np.float32)
-        return self._read(lambda: data[rows].astype(np.float32))
+            return out
+        for block_start in range(int(rows[0]), int(rows[-1]) + 1, READ_BLOCK_ROWS):
+            low, high = np.searchsorted(rows, [block_start, block_start + READ_BLOCK_ROWS])
+            if low == high:
+                continue
+            span = torch.from_numpy(self._read(lambda: data[rows[low]:rows[high - 1] + 1]))  # [<= READ_BLOCK_ROWS, C], stored dtype
+            picked = span if len(span) == high - low else span[torch.from_numpy(rows[low:high] - rows[low])]
+            # torch converts float16 to float32 several times faster than numpy's assignment does.
+            torch.from_numpy(out[low:high]).copy_(picked)
+        return out
 
     def labels(self, split: str | None = None) -> np.ndarray:
         """Return the class index of each row of ``split``."""

@@ -13,11 +13,18 @@ def resize_size(image_size: int) -> int:
     return int(round(image_size * RESIZE_RATIO))
 
 
-def eval_transform(image_size: int) -> transforms.Compose:
-    """Return resize, centre crop to ``image_size``, tensor conversion and ImageNet normalization."""
+def eval_crop(image_size: int) -> transforms.Compose:
+    """Return the geometric part of :func:`eval_transform`: resize, then centre crop to ``image_size``."""
     return transforms.Compose([
         transforms.Resize(resize_size(image_size), antialias=True),
         transforms.CenterCrop(image_size),
+    ])
+
+
+def eval_transform(image_size: int) -> transforms.Compose:
+    """Return resize, centre crop to ``image_size``, tensor conversion and ImageNet normalization."""
+    return transforms.Compose([
+        *eval_crop(image_size).transforms,
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])

@@ -4,12 +4,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from emo.data.split import check_seed
+from emo.extract.precision import PRECISIONS
 from emo.stages import validate_arch
 
 DTYPES = ("float16", "float32")
 # The smallest crop whose layer4 output (stride 32) is a whole 1x1 map.
 MIN_IMAGE_SIZE = 32
-PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -26,10 +26,11 @@ class ExtractConfig:
     arch: str = "resnet101"
     image_size: int = 224
     batch_size: int = 32
-    workers: int = 2
+    workers: int | None = None
+    threads: int | None = None
     device: str = "auto"
     dtype: str = "float16"
-    precision: str = "fp32"
+    precision: str = "auto"
     seed: int = 0
     skip_bad: bool = False
     overwrite: bool = False
@@ -41,8 +42,10 @@ class ExtractConfig:
         _check_choice("--precision", self.precision, PRECISIONS)
         _check_positive("--image-size", self.image_size, minimum=MIN_IMAGE_SIZE)
         _check_positive("--batch-size", self.batch_size)
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise ValueError(f"--workers must be 0 or more, got {self.workers}")
+        if self.threads is not None:
+            _check_positive("--threads", self.threads)
         check_seed(self.seed)
         if Path(self.out).suffix not in (".h5", ".hdf5"):
             raise ValueError(f"output {str(self.out)!r} should end in .h5 or .hdf5")

@@ -10,19 +10,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch import nn
 from tqdm.auto import tqdm
 
-from emo.backbone import IMAGENET_MEAN, IMAGENET_STD, StageFeatures, build_resnet, resolve_device
+from emo.backbone import IMAGENET_MEAN, IMAGENET_STD, build_resnet, resolve_device
 from emo.cache.schema import split_csv_path
-from emo.cache.writer import CacheWriter, check_destination
-from emo.data.dataset import ImageFiles, ImageFilesWithFailures
+from emo.cache.writer import CHUNK_ROWS, CacheWriter, check_destination
 from emo.data.scan import Dataset, scan_dataset
 from emo.data.split import make_split, read_split_csv, write_split_csv
-from emo.data.transforms import eval_transform, resize_size
+from emo.data.transforms import resize_size
 from emo.errors import CacheError, DataError
 from emo.extract.config import ExtractConfig
+from emo.extract.forward import cudnn_autotuning, inference_backbone, pooled_stages
+from emo.extract.loading import default_workers, extraction_loader, normalize_batch
+from emo.extract.precision import resolve_precision
+from emo.extract.rows import RowBuffer
 from emo.stages import stage_infos
+from emo.threads import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +66,13 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     """
     device = resolve_device(config.device)
     check_destination(Path(config.out), overwrite=config.overwrite)
+    precision = resolve_precision(config.precision, device)
     model, weights = build_resnet(config.arch, config.weights, seed=config.seed)
+    # Scanning finishes before the forward pass starts, so it may use every core.
     dataset = scan_dataset(config.data, labels_csv=config.labels, path_column=config.path_column,
-                           label_column=config.label_column, skip_bad=config.skip_bad, workers=max(config.workers, 1))
+                           label_column=config.label_column, skip_bad=config.skip_bad, workers=os.cpu_count() or 1)
     split = _resolve_split(config, dataset)
-    header = _cache_header(config, dataset, split, weights)
+    header = _cache_header(config, dataset, split, weights, precision)
     columns = {"labels": dataset.label_indices(), "split": split,
                "paths": [sample.relpath for sample in dataset.samples], "sha256": dataset.sha256}
     stages = {info.name: info.channels for info in stage_infos(config.arch)}
@@ -76,7 +82,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
                      overwrite=config.overwrite) as writer:
         pending = writer.pending_rows()
         start = time.perf_counter()
-        _write_features(writer, StageFeatures(model), dataset, pending, config, device)
+        _write_features(writer, model, dataset, pending, config, device=device, precision=precision)
         seconds = time.perf_counter() - start
         # The split file is written before the cache is finished, so a failure here leaves a
         # partial cache that the next identical command finishes without a forward pass.
@@ -99,10 +105,10 @@ def _resolve_split(config: ExtractConfig, dataset: Dataset) -> list[str]:
     return make_split(labels, seed=config.seed)
 
 
-def _cache_header(config: ExtractConfig, dataset: Dataset, split: list[str], weights) -> dict:
+def _cache_header(config: ExtractConfig, dataset: Dataset, split: list[str], weights, precision: str) -> dict:
     header = {
         "classes": dataset.classes, "arch": config.arch, "image_size": config.image_size,
-        "resize_size": resize_size(config.image_size), "precision": config.precision,
+        "resize_size": resize_size(config.image_size), "precision": precision,
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "weights": {"spec": weights.spec, "source": weights.source, "sha256": weights.sha256,
                     "seed": config.seed},
@@ -132,31 +138,40 @@ def _sha256_of_json(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def _write_features(writer: CacheWriter, features: StageFeatures, dataset: Dataset, pending: np.ndarray,
-                    config: ExtractConfig, device: torch.device) -> None:
+def _write_features(writer: CacheWriter, model: nn.Module, dataset: Dataset, pending: np.ndarray,
+                    config: ExtractConfig, *, device: torch.device, precision: str) -> None:
+    """Run the forward pass over the ``pending`` rows and write their pooled stage outputs.
+
+    Loader workers decode the next batches while the backbone runs, and rows reach the file in
+    blocks of whole chunks, so decoding and writing overlap the forward pass.
+
+    NOTE: the CUDA path (pinned host memory, non-blocking copies, bf16 autocast, cuDNN
+    autotuning) has not been run on a GPU yet, and JPEGs are always decoded on the CPU.
+    """
     if not len(pending):
         return
-    features = features.to(device, memory_format=torch.channels_last).eval()
-    images = ImageFilesWithFailures(ImageFiles([dataset.path(i) for i in range(len(dataset.samples))],
-                                               dataset.label_indices(), eval_transform(config.image_size),
-                                               draft_size=resize_size(config.image_size)),
-                                    image_size=config.image_size)
-    # Rows are written in order and flagged a whole batch at a time, so the pending rows of a
-    # resumed run start on a batch boundary. With the same --batch-size, every image then lands
-    # in the same batch as in an uninterrupted run, which matters because CPU convolutions can
-    # round differently for another batch size.
-    loader = DataLoader(Subset(images, pending.tolist()), batch_size=config.batch_size, shuffle=False,
-                        num_workers=config.workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    features = inference_backbone(model, device)
+    paths = [dataset.path(i) for i in range(len(dataset.samples))]
+    workers = config.workers if config.workers is not None else default_workers(device)
+    loader = extraction_loader(paths, pending.tolist(), image_size=config.image_size,
+                               batch_size=config.batch_size, workers=workers, device=device)
+    buffer = RowBuffer(writer, block_rows=_block_rows(config.batch_size))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
-    with torch.inference_mode(), autocast, tqdm(total=len(pending), desc="extract", unit="img") as bar:
-        for batch, _, rows, failures in loader:
-            _raise_on_failure(dataset, rows, failures, writer)
-            batch = batch.to(device, non_blocking=True, memory_format=torch.channels_last)
-            pooled = features(batch)  # {stage: [B, C]}
-            writer.write(rows.numpy(), {name: value.float().cpu().numpy() for name, value in pooled.items()})
+    with torch_threads(config.threads), cudnn_autotuning(device), torch.inference_mode(), autocast, \
+            tqdm(total=len(pending), desc="extract", unit="img") as bar:
+        for crops, rows, failures in loader:
+            if any(failures):
+                buffer.flush()
+                _raise_on_failure(dataset, rows, failures, writer)
+            buffer.add(rows, pooled_stages(features, normalize_batch(crops, device)))  # {stage: [B, C]}
             bar.update(len(rows))
+        buffer.flush()
+
+
+def _block_rows(batch_size: int) -> int:
+    """Return the rows per cache write: whole batches that fill at least one HDF5 chunk."""
+    return -(-CHUNK_ROWS // batch_size) * batch_size
 
 
 def _raise_on_failure(dataset: Dataset, rows: torch.Tensor, failures: list[str], writer: CacheWriter) -> None:

@@ -37,6 +37,8 @@ class FitHeadsConfig:
     dropout: float = 0.0
     seed: int = 0
     overwrite: bool = False
+    max_memory: int | None = None
+    threads: int = 1
 
     def __post_init__(self) -> None:
         # Messages name the CLI option of each field, which is also its key in an ablation grid.
@@ -58,6 +60,10 @@ class FitHeadsConfig:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.max_memory is not None and self.max_memory < 1:
+            raise ValueError(f"--max-memory must be a positive number of bytes, got {self.max_memory}")
+        if self.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {self.threads}")
         check_seed(self.seed)
 
     @property

@@ -30,9 +30,13 @@ class BranchHead(nn.Module):
 
     def set_standardization(self, features: torch.Tensor) -> None:
         """Set the mean and standard deviation from training features [N, C]."""
-        self.mean.copy_(features.mean(dim=0))
+        self.set_statistics(features.mean(dim=0), features.std(dim=0))
+
+    def set_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Set the standardization from a per-column mean and standard deviation [C]."""
+        self.mean.copy_(mean)
         # A constant column (std 0) would divide by zero; it carries no information anyway.
-        self.std.copy_(features.std(dim=0).clamp_min(1e-6))
+        self.std.copy_(std.clamp_min(1e-6))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear(self.dropout((features - self.mean) / self.std))

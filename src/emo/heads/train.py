@@ -25,9 +25,11 @@ from emo.data.sampling import make_sampler
 from emo.errors import CacheError, TrainingError
 from emo.evaluate.metrics import compute_metrics
 from emo.heads.config import FitHeadsConfig
+from emo.heads.data import InMemoryRows, StageColumns, StreamedRows, read_matrix, row_bytes
 from emo.heads.model import StackedHeads
 from emo.heads.outputs import write_head_run
 from emo.heads.stacking import fit_logreg_stacking
+from emo.threads import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +47,36 @@ class SplitData:
 
 
 def load_split(cache: FeatureCache, split: str, stages: tuple[str, ...]) -> SplitData:
-    """Read the features of ``stages`` and the labels of one split into tensors."""
-    features = {name: torch.from_numpy(cache.features(name, split)) for name in stages}
-    return SplitData(features, torch.from_numpy(cache.labels(split)).long())
+    """Read the features of ``stages`` and the labels of one split into tensors.
+
+    The stages share one matrix, so each feature tensor is a column slice of it.
+    """
+    columns = StageColumns.of({name: cache.stages[name] for name in stages})
+    matrix = torch.from_numpy(read_matrix(cache, cache.indices(split), columns))
+    return SplitData(columns.split(matrix), torch.from_numpy(cache.labels(split)).long())
+
+
+def load_train_rows(cache: FeatureCache, config: FitHeadsConfig) -> InMemoryRows | StreamedRows:
+    """Return the training rows of ``config.stages``: in memory, or streamed when they exceed ``config.max_memory``.
+
+    Raises:
+        ValueError: if ``config.max_memory`` cannot hold one mini-batch of training rows.
+    """
+    columns = StageColumns.of({name: cache.stages[name] for name in config.stages})
+    rows = cache.indices("train")
+    labels = torch.from_numpy(cache.labels("train")).long()
+    needed = len(rows) * row_bytes(columns)
+    if config.max_memory is None or needed <= config.max_memory:
+        return InMemoryRows(torch.from_numpy(read_matrix(cache, rows, columns)), labels, columns)
+
+    window_rows = config.max_memory // row_bytes(columns)
+    if window_rows < config.batch_size:
+        raise ValueError(f"max_memory of {config.max_memory} bytes holds {window_rows} training rows, fewer than "
+                         f"one batch of {config.batch_size}; raise --max-memory to at least "
+                         f"{config.batch_size * row_bytes(columns)} bytes")
+    logger.info("training features need %.1f MB, more than max_memory (%.1f MB); streaming them from %s "
+                "in windows of %d rows", needed / 1e6, config.max_memory / 1e6, cache.path, window_rows)
+    return StreamedRows(cache.path, rows, labels, columns, window_rows=window_rows)
 
 
 def fit_heads(config: FitHeadsConfig) -> dict:
@@ -63,36 +92,67 @@ def fit_heads(config: FitHeadsConfig) -> dict:
     Example:
         >>> fit_heads(FitHeadsConfig(cache=Path("e6.h5"), out=Path("runs/heads")))  # doctest: +SKIP
     """
+    with torch_threads(config.threads):
+        return _fit_heads(config)
+
+
+def _fit_heads(config: FitHeadsConfig) -> dict:
     start = time.perf_counter()
     runs.check_run_destination(config.out, overwrite=config.overwrite)
     with FeatureCache(config.cache) as cache:
         _check_stages(cache, config.stages)
-        splits = {name: load_split(cache, name, config.stages) for name in ("train", "val", "test")}
+        train = load_train_rows(cache, config)
+        splits = {"train": train, "val": load_split(cache, "val", config.stages)}
         classes, backbone, source = cache.classes, cache.backbone_record(), cache.run_record()
         channels = {name: cache.stages[name] for name in config.stages}
-    _check_training_labels(splits["train"].labels, classes, config.cache)
-    _check_finite(splits, config.cache)
+    _check_training_labels(train.labels, classes, config.cache)
+    _check_finite({"val": splits["val"]}, config.cache)
 
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model = StackedHeads(channels, len(classes), dropout=config.dropout, fusion=config.fusion,
                          stacking=config.stacking)
-    for name, values in model.branch_inputs(splits["train"].features).items():
-        model.branches[name].set_standardization(values)
+    _set_standardization(model, train, config.cache)
 
-    history = train_branches(model, splits, config, generator)
-    if len(model.branches) > 1 and config.stacking == "weighted" and config.stack_epochs > 0:
-        history += train_stacking(model, splits, config, generator)
-    elif len(model.branches) > 1 and config.stacking == "logreg":
-        fit_logreg_stacking(model, splits["val"].features, splits["val"].labels)
+    with train:
+        history = train_branches(model, splits, config, generator)
+        if len(model.branches) > 1 and config.stacking == "weighted" and config.stack_epochs > 0:
+            history += train_stacking(model, splits, config, generator)
+        elif len(model.branches) > 1 and config.stacking == "logreg":
+            fit_logreg_stacking(model, splits["val"].features, splits["val"].labels)
 
-    metrics = evaluate_heads(model, splits["test"], classes)
-    metrics["val"] = {name: {key: values[key] for key in ("accuracy", "macro_recall")}
-                      for name, values in evaluate_heads(model, splits["val"], classes)["models"].items()}
+    metrics = _test_and_val_metrics(model, splits["val"], config, classes)
     metrics["seconds"] = time.perf_counter() - start
     require_finite_parameters(model, config, when="after training")
     write_head_run(config, model=model, classes=classes, backbone=backbone, cache=source, metrics=metrics,
                    history=history)
+    return metrics
+
+
+def _set_standardization(model: StackedHeads, train: InMemoryRows | StreamedRows, path: Path) -> None:
+    """Set each branch's mean and standard deviation from the training rows of its stages."""
+    statistics = {name: train.statistics(name) for name in model.channels}
+    for name, (mean, std) in statistics.items():
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            raise CacheError(f"cache {path} has NaN or infinite {name} features in the train split; "
+                             "recreate it with `emo extract`")
+    for name, head in model.branches.items():
+        # A concatenated branch sees every stage side by side, so its statistics are too.
+        parts = [statistics[stage] for stage in model.channels] if name not in statistics else [statistics[name]]
+        head.set_statistics(torch.cat([mean for mean, _ in parts]), torch.cat([std for _, std in parts]))
+
+
+def _test_and_val_metrics(model: StackedHeads, val: SplitData, config: FitHeadsConfig, classes: list[str]) -> dict:
+    """Return test metrics, with a summary of the val metrics under ``"val"``.
+
+    The test split is read only now that the training rows are freed, which lowers peak memory.
+    """
+    with FeatureCache(config.cache) as cache:
+        test = load_split(cache, "test", config.stages)
+    _check_finite({"test": test}, config.cache)
+    metrics = evaluate_heads(model, test, classes)
+    metrics["val"] = {name: {key: values[key] for key in ("accuracy", "macro_recall")}
+                      for name, values in evaluate_heads(model, val, classes)["models"].items()}
     return metrics
 
 
@@ -125,8 +185,14 @@ def epoch_batches(labels: torch.Tensor, config: FitHeadsConfig, generator: torch
 
 
 def _sgd(parameters, config: FitHeadsConfig) -> torch.optim.SGD:
-    return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, nesterov=True,
-                           weight_decay=config.weight_decay)
+    parameters = list(parameters)
+    options = dict(lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay)
+    try:
+        # The fused kernel updates every parameter in one call instead of five operators per tensor,
+        # a large part of a mini-batch step of small linear heads.
+        return torch.optim.SGD(parameters, fused=True, **options)
+    except RuntimeError:  # torch before 2.4 fuses SGD on CUDA only
+        return torch.optim.SGD(parameters, **options)
 
 
 def train_branches(model: StackedHeads, splits: dict[str, SplitData], config: FitHeadsConfig,
@@ -176,15 +242,14 @@ def train_stacking(model: StackedHeads, splits: dict[str, SplitData], config: Fi
     return history
 
 
-def _train_epoch(model: StackedHeads, train: SplitData, config: FitHeadsConfig, generator: torch.Generator,
-                 optimizer: torch.optim.Optimizer, *, stacked: bool, epoch: int) -> float:
+def _train_epoch(model: StackedHeads, train: InMemoryRows | StreamedRows, config: FitHeadsConfig,
+                 generator: torch.Generator, optimizer: torch.optim.Optimizer, *, stacked: bool, epoch: int) -> float:
     model.train()
     total, count = 0.0, 0
-    for index in epoch_batches(train.labels, config, generator):
-        features, labels = train.batch(index)
+    phase = "stacking" if stacked else "branch"
+    for features, labels in train.batches(epoch_batches(train.labels, config, generator)):
         logits = model.branch_logits(features)  # {stage: [B, K]}
         loss = _stacked_loss(model, logits, labels) if stacked else _branches_loss(logits, labels)
-        phase = "stacking" if stacked else "branch"
         if not torch.isfinite(loss):
             raise TrainingError(f"the training loss became {loss.item()} in epoch {epoch} of {phase} training; "
                                 f"stopped without writing a run, so {config.out} is unchanged. Lower --lr "
@@ -192,10 +257,11 @@ def _train_epoch(model: StackedHeads, train: SplitData, config: FitHeadsConfig, 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        # A step can overflow the parameters while the loss that led to it was still finite.
-        require_finite_parameters(model, config, when=f"in epoch {epoch} of {phase} training")
-        total += loss.item() * len(index)
-        count += len(index)
+        total += loss.item() * len(labels)
+        count += len(labels)
+    # A step can overflow the parameters while the loss that led to it was still finite. Checking
+    # once per epoch costs little and still stops before a diverged model is kept or written.
+    require_finite_parameters(model, config, when=f"in epoch {epoch} of {phase} training")
     return total / count
 
 

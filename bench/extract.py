@@ -1,0 +1,308 @@
+"""Benchmark of ``emo extract`` against the compute ceiling and a plain baseline, in one run.
+
+Generates N photo-sized JPEGs (500x375) and measures images per second of:
+
+1. the ceiling: torchvision's ResNet forward alone on decoded, transformed batches held in
+   memory (same batch size, threads, channels-last layout and precision as emo);
+2. ``emo extract`` end to end through its Python API (scan, decode, transform, forward, pool,
+   HDF5 write, and building the model), per precision;
+3. a baseline as a researcher would write it: ``create_feature_extractor`` returning the five
+   stage outputs, a DataLoader without workers, the default memory format, fp32, and pooled
+   rows written to h5py one image at a time.
+
+It also compares every pooled row of the bf16 cache with the fp32 row of the same image
+(cosine similarity), and runs ``emo extract`` in child processes on N0 and 2*N0 images to
+compare their peak resident memory. Weights are random (ImageNet weights need a download).
+The last lines of the output are a Markdown block for docs/benchmarks.md.
+
+Usage:
+    python bench/extract.py [--images 1024] [--arch resnet101] [--image-size 224] [--batch-size 32]
+                            [--precisions fp32,bf16] [--rss-images 128] [--sweep 2:1,2:0,1:1]
+"""
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from emo.cache import FeatureCache
+from emo.data.transforms import eval_transform
+from emo.extract import ExtractConfig, extract
+from emo.extract.loading import default_workers
+from emo.stages import STAGE_NAMES, stage_infos
+
+from machine import Timer, machine_lines, machine_record, markdown_table, peak_rss_mb, run_child
+
+PHOTO_SIZE = (500, 375)  # width, height: the typical size of an FI photo
+POOL_BATCHES = 2  # distinct batches of the ceiling's in-memory images, reused round robin
+BASELINE_NODES = {"maxpool": "L0", "layer1": "L1", "layer2": "L2", "layer3": "L3", "layer4": "L4"}
+
+
+def write_photos(folder: Path, count: int, *, seed: int = 0) -> list[Path]:
+    """Write ``count`` photo-like JPEGs: smooth colour fields with fine grain, about 75 kB each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    width, height = PHOTO_SIZE
+    paths = []
+    for index in range(count):
+        coarse = rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
+        field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.int16)
+        grain = rng.normal(0, 12, size=(height, width, 3)).astype(np.int16)
+        path = folder / f"{index:06d}.jpg"
+        Image.fromarray(np.clip(field + grain, 0, 255).astype(np.uint8)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def write_dataset(root: Path, photos: list[Path]) -> Path:
+    """Hard-link ``photos`` into an ImageFolder under ``root`` and write its split file; return the split file.
+
+    Every row is in the train split, so any number of images works (a stratified split needs
+    20 per class).
+    """
+    folder = root / "photo"
+    folder.mkdir(parents=True, exist_ok=True)
+    for photo in photos:
+        os.link(photo, folder / photo.name)
+    split_file = root.with_name(root.name + ".split.csv")
+    with open(split_file, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["path", "split"])
+        writer.writerows([f"photo/{photo.name}", "train"] for photo in photos)
+    return split_file
+
+
+def ceiling(photos: list[Path], *, arch: str, image_size: int, batch_size: int, precision: str) -> float:
+    """Return images/s of the backbone forward alone on transformed batches held in memory."""
+    model = torchvision.models.get_model(arch, weights=None).eval().to(memory_format=torch.channels_last)
+    transform = eval_transform(image_size)
+    pool = torch.stack([transform(Image.open(path).convert("RGB")) for path in photos[:POOL_BATCHES * batch_size]])
+    pool = pool.contiguous(memory_format=torch.channels_last)
+    sizes = [min(batch_size, len(photos) - start) for start in range(0, len(photos), batch_size)]
+    batches = [pool[(i % POOL_BATCHES) * batch_size:][:size] for i, size in enumerate(sizes)]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.inference_mode(), autocast:
+        model(batches[0])  # warm-up: oneDNN builds its kernels on the first call of each shape
+        with Timer() as timer:
+            for batch in batches:
+                model(batch)
+    return sum(len(batch) for batch in batches) / timer.wall
+
+
+def emo_extract(data: Path, split_file: Path, out: Path, args, precision: str, **overrides) -> dict:
+    """Run ``emo extract`` through its Python API; return images/s of the whole call and of its loop."""
+    options = dict(data=data, out=out, split_file=split_file, weights="random", arch=args.arch,
+                   image_size=args.image_size, batch_size=args.batch_size, device="cpu", dtype="float32",
+                   precision=precision, overwrite=True)
+    if args.workers is not None:
+        options["workers"] = args.workers
+    if args.threads is not None:
+        options["threads"] = args.threads
+    options.update(overrides)
+    with Timer() as timer:
+        summary = extract(ExtractConfig(**options))
+    return {"images_per_s": summary.images / timer.wall, "loop_images_per_s": summary.images_per_second,
+            "wall": timer.wall}
+
+
+class PlainImages(Dataset):
+    """Images opened with PIL and passed through the evaluation transform, one at a time."""
+
+    def __init__(self, paths: list[Path], image_size: int):
+        self.paths = paths
+        self.transform = eval_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.transform(Image.open(self.paths[index]).convert("RGB"))
+
+
+def baseline(photos: list[Path], out: Path, *, arch: str, image_size: int, batch_size: int) -> float:
+    """Return images/s of a plain extraction script, model construction included as in ``emo extract``."""
+    widths = {info.name: info.channels for info in stage_infos(arch)}
+    with Timer() as timer:
+        model = torchvision.models.get_model(arch, weights=None).eval()
+        extractor = create_feature_extractor(model, return_nodes=BASELINE_NODES)
+        loader = DataLoader(PlainImages(photos, image_size), batch_size=batch_size)
+        with h5py.File(out, "w") as file, torch.no_grad():
+            datasets = {name: file.create_dataset(name, (len(photos), width), "float32")
+                        for name, width in widths.items()}
+            row = 0
+            for images in loader:
+                pooled = {name: fmap.mean(dim=(2, 3)).numpy() for name, fmap in extractor(images).items()}
+                for index in range(len(images)):
+                    for name, values in pooled.items():
+                        datasets[name][row] = values[index]
+                    row += 1
+    return len(photos) / timer.wall
+
+
+def min_cosine(first: Path, second: Path) -> dict[str, float]:
+    """Return, per stage, the smallest cosine similarity between the rows of two caches of the same images."""
+    result = {}
+    with FeatureCache(first) as a, FeatureCache(second) as b:
+        for stage in STAGE_NAMES:
+            x, y = a.features(stage).astype(np.float64), b.features(stage).astype(np.float64)
+            norms = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
+            result[stage] = float(np.min((x * y).sum(axis=1) / np.maximum(norms, 1e-300)))
+    return result
+
+
+def child(task: dict) -> None:
+    """Run one ``emo extract`` in this fresh process and print its peak memory as JSON."""
+    config = ExtractConfig(**{key: Path(value) if key in ("data", "out", "split_file") else value
+                              for key, value in task.items()})
+    with Timer() as timer:
+        extract(config)
+    print(json.dumps({"wall": timer.wall, "peak_rss_mb": peak_rss_mb()}))
+
+
+def rss_check(work: Path, photos: list[Path], args, precision: str) -> list[dict]:
+    """Run ``emo extract`` in child processes on N0 and 2*N0 images; return their peak memory."""
+    results = []
+    for count in (args.rss_images, 2 * args.rss_images):
+        root = work / f"rss{count}"
+        split_file = write_dataset(root, photos[:count])
+        task = dict(data=str(root), out=str(work / f"rss{count}.h5"), split_file=str(split_file), weights="random",
+                    arch=args.arch, image_size=args.image_size, batch_size=args.batch_size, device="cpu",
+                    dtype="float32", precision=precision)
+        if args.workers is not None:
+            task["workers"] = args.workers
+        if args.threads is not None:
+            task["threads"] = args.threads
+        results.append({"images": count, **run_child(__file__, task)})
+    return results
+
+
+def sweep(data: Path, split_file: Path, work: Path, args) -> list[dict]:
+    """Measure ``emo extract`` (fp32) for each ``threads:workers`` pair of ``args.sweep``."""
+    rows = []
+    for pair in args.sweep.split(","):
+        threads, workers = (int(part) for part in pair.split(":"))
+        result = emo_extract(data, split_file, work / "sweep.h5", args, "fp32", threads=threads, workers=workers)
+        rows.append({"threads": threads, "workers": workers, **result})
+    return rows
+
+
+def report(args, record: dict, results: dict) -> list[str]:
+    """Return the Markdown block of a benchmark run."""
+    command = "python bench/extract.py " + " ".join(sys.argv[1:])
+    fp32_ceiling = results["ceiling"]["fp32"]
+    lines = [f"### `emo extract`: {args.images} JPEGs of {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}, {args.arch}, "
+             f"{args.image_size} px, batch {args.batch_size}", "", f"Command: `{command}`", ""]
+    lines += machine_lines(record)
+    lines += [f"- emo settings: workers {results['workers']}, threads {results['threads']}; random weights, "
+              "float32 cache (a random ResNet-101 overflows float16).", ""]
+    ratio_rows = []
+    for precision in args.precisions:
+        emo_rate = results["emo"][precision]["images_per_s"]
+        ratio_rows.append([f"emo extract {precision} / ceiling {precision}",
+                           f"{emo_rate / results['ceiling'][precision]:.3f}"])
+        if precision != "fp32":
+            ratio_rows.append([f"emo extract {precision} / ceiling fp32", f"{emo_rate / fp32_ceiling:.3f}"])
+        if "baseline" in results:
+            ratio_rows.append([f"emo extract {precision} / baseline fp32", f"{emo_rate / results['baseline']:.3f}"])
+    lines += markdown_table(["ratio", "value"], ratio_rows) + [""]
+
+    absolute = []
+    for precision in args.precisions:
+        absolute.append([f"ceiling {precision}", f"{results['ceiling'][precision]:.2f}", ""])
+        emo = results["emo"][precision]
+        absolute.append([f"emo extract {precision}", f"{emo['images_per_s']:.2f}",
+                         f"{emo['wall']:.1f} s for the whole call; forward loop alone "
+                         f"{emo['loop_images_per_s']:.2f} images/s"])
+    if "baseline" in results:
+        absolute.append(["baseline fp32", f"{results['baseline']:.2f}", ""])
+    lines += markdown_table(["measurement", "images/s", "notes"], absolute) + [""]
+
+    if "cosine" in results:
+        worst = min(results["cosine"].values())
+        lines += [f"Smallest cosine similarity between a bf16 and the fp32 pooled row of the same image: "
+                  f"{worst:.5f} (" + ", ".join(f"{k} {v:.5f}" for k, v in results["cosine"].items()) + ")", ""]
+    rss = results["rss"]
+    growth = rss[1]["peak_rss_mb"] / rss[0]["peak_rss_mb"] - 1
+    lines += [f"Peak resident memory of the `emo extract` process ({results['rss_precision']}, loader workers "
+              f"not counted) in a fresh interpreter: {rss[0]['peak_rss_mb']:.0f} MB for {rss[0]['images']} images, "
+              f"{rss[1]['peak_rss_mb']:.0f} MB for {rss[1]['images']} ({growth:+.1%}).", ""]
+    if results.get("sweep"):
+        lines += ["Threads and loader workers of `emo extract` (fp32):", ""]
+        lines += markdown_table(["threads", "workers", "images/s (whole call)", "images/s (loop)"],
+                                [[r["threads"], r["workers"], f"{r['images_per_s']:.2f}",
+                                  f"{r['loop_images_per_s']:.2f}"] for r in results["sweep"]]) + [""]
+    return lines
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1024, help="JPEGs to generate and extract")
+    parser.add_argument("--arch", default="resnet101")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=None, help="loader workers of emo (default: emo's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated; fp32 must be one")
+    parser.add_argument("--rss-images", type=int, default=128, help="N0 of the peak-memory check")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the plain baseline")
+    parser.add_argument("--sweep", default="", help="threads:workers pairs to compare, e.g. 2:1,2:0,1:1")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the images and caches here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.precisions = args.precisions.split(",")
+    if "fp32" not in args.precisions:
+        parser.error("--precisions must include fp32, the reference of every ratio")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    record = machine_record()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="emo-bench-extract-"))
+    try:
+        photos = write_photos(work / "photos", max(args.images, 2 * args.rss_images))
+        data = work / "data"
+        split_file = write_dataset(data, photos[:args.images])
+        results = {"ceiling": {}, "emo": {}, "threads": torch.get_num_threads(),
+                   "workers": args.workers if args.workers is not None else default_workers(torch.device("cpu"))}
+        for precision in args.precisions:
+            results["ceiling"][precision] = ceiling(photos[:args.images], arch=args.arch, image_size=args.image_size,
+                                                    batch_size=args.batch_size, precision=precision)
+            results["emo"][precision] = emo_extract(data, split_file, work / f"emo-{precision}.h5", args, precision)
+            print(f"{precision}: ceiling {results['ceiling'][precision]:.2f} images/s, "
+                  f"emo {results['emo'][precision]['images_per_s']:.2f} images/s", file=sys.stderr)
+        if not args.no_baseline:
+            results["baseline"] = baseline(photos[:args.images], work / "baseline.h5", arch=args.arch,
+                                           image_size=args.image_size, batch_size=args.batch_size)
+        if "bf16" in args.precisions:
+            results["cosine"] = min_cosine(work / "emo-fp32.h5", work / "emo-bf16.h5")
+        results["rss_precision"] = args.precisions[-1]
+        results["rss"] = rss_check(work, photos, args, args.precisions[-1])
+        if args.sweep:
+            results["sweep"] = sweep(data, split_file, work, args)
+        print(json.dumps(results), file=sys.stderr)
+        print("\n".join(report(args, record, results)))
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
