@@ -69,8 +69,8 @@ def write_photos(folder: Path, count: int, *, seed: int = 0) -> list[Path]:
 def write_dataset(root: Path, photos: list[Path]) -> Path:
     """Hard-link ``photos`` into an ImageFolder under ``root`` and write its split file; return the split file.
 
-    Every row is in the train split, so any number of images works (a stratified split needs
-    20 per class).
+    Rows go to train, val and test in turn, so any number of images from three on works (a
+    stratified split would need 20 per class, and every class needs a row in each split).
     """
     folder = root / "photo"
     folder.mkdir(parents=True, exist_ok=True)
@@ -80,7 +80,8 @@ def write_dataset(root: Path, photos: list[Path]) -> Path:
     with open(split_file, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["path", "split"])
-        writer.writerows([f"photo/{photo.name}", "train"] for photo in photos)
+        splits = ("train", "val", "test")
+        writer.writerows([f"photo/{photo.name}", splits[index % 3]] for index, photo in enumerate(photos))
     return split_file
 
 

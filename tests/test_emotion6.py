@@ -35,14 +35,15 @@ def test_dominant_label_anger_too_small_to_split():
 
 
 def test_bf16_rows_close_to_fp32(tmp_path):
-    # Two photos per class, resnet50 with random weights (ImageNet weights need a download):
-    # random convolutions still give every stage non-trivial activations to compare.
+    # Three photos per class (one per split), resnet50 with random weights (ImageNet weights need
+    # a download): random convolutions still give every stage non-trivial activations to compare.
     photos = [f"{label}/{path.name}" for label in ("anger", "disgust", "fear", "joy", "sadness", "surprise")
-              for path in sorted((EMOTION6 / label).glob("*.jpg"))[:2]]
+              for path in sorted((EMOTION6 / label).glob("*.jpg"))[:3]]
     labels = tmp_path / "labels.csv"
     labels.write_text("path,label\n" + "".join(f"{photo},{photo.split('/')[0]}\n" for photo in photos))
     split = tmp_path / "split.csv"
-    split.write_text("path,split\n" + "".join(f"{photo},train\n" for photo in photos))
+    split.write_text("path,split\n" + "".join(f"{photo},{('train', 'val', 'test')[index % 3]}\n"
+                                              for index, photo in enumerate(photos)))
     caches = {}
     for precision in ("fp32", "bf16"):
         caches[precision] = tmp_path / f"{precision}.h5"
