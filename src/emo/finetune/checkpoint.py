@@ -67,14 +67,9 @@ def restore_rng(state: dict, sampler_generator: torch.Generator, loader_generato
         torch.cuda.set_rng_state_all(state["cuda"])
     name, keys, position, has_gauss, cached_gaussian = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
-    random.setstate(_as_tuples(state["python"]))
+    random.setstate(state["python"])
     sampler_generator.set_state(state["sampler"])
     loader_generator.set_state(state["loader"])
-
-
-def _as_tuples(value):
-    # torch.save keeps tuples, but a round trip through other code may turn them into lists.
-    return tuple(_as_tuples(item) for item in value) if isinstance(value, (list, tuple)) else value
 
 
 def save_checkpoint(run_dir: Path, *, fingerprint: str, workers: int, progress: Progress, model: torch.nn.Module,

@@ -19,8 +19,8 @@ VARIANTS = {
 }
 PRECISIONS = ("bf16", "fp32")
 
-# Options that may change between a killed run and its --resume. Another device or worker count
-# changes the result (other arithmetic, other random crops per worker), so resuming warns about them.
+# Options that may change between a killed run and its --resume. Another worker count changes the
+# random crops, so resuming warns about it. Another device changes the arithmetic slightly.
 RESUMABLE_CHANGES = ("out", "device", "workers", "resume", "overwrite")
 
 
