@@ -50,7 +50,7 @@ def build_resnet(arch: str, weights: str, *, seed: int = 0) -> tuple[nn.Module, 
 
     Returns:
         The model in eval mode on the CPU, and a record of the weights. For a state dict file,
-        the record's ``spec`` is its absolute path, and its ``source`` says whether the file's
+        the record's ``spec`` is its absolute path, and its ``source`` notes whether the file's
         classifier ``fc`` was ignored (extraction never uses it).
 
     Example:
