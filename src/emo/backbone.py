@@ -161,7 +161,7 @@ def _load_tensors(path: Path, *, fix: str):
             reason = "it contains pickled Python objects (for example a whole nn.Module), not only tensors"
         else:
             reason = "it is not a file written by torch.save, or it is damaged"
-        raise WeightsError(f"cannot load weights from {path}: {reason}. Emo-vision loads only tensors, because "
+        raise WeightsError(f"cannot load weights from {path}: {reason}. emo-vision loads only tensors, because "
                            f"unpickling other objects can run code; {fix}") from error
     except Exception as error:  # torch raises RuntimeError, EOFError or KeyError for other files.
         raise WeightsError(f"cannot load weights from {path}: it is not a file written by torch.save, or it is "
