@@ -50,7 +50,7 @@ def build_resnet(arch: str, weights: str, *, seed: int = 0) -> tuple[nn.Module, 
 
     Returns:
         The model in eval mode on the CPU, and a record of the weights. For a state dict file,
-        the record's ``spec`` is its absolute path, and its ``source`` says whether the file's
+        the record's ``spec`` is its absolute path, and its ``source`` notes whether the file's
         classifier ``fc`` was ignored (extraction never uses it).
 
     Example:
@@ -161,7 +161,7 @@ def _load_tensors(path: Path, *, fix: str):
             reason = "it contains pickled Python objects (for example a whole nn.Module), not only tensors"
         else:
             reason = "it is not a file written by torch.save, or it is damaged"
-        raise WeightsError(f"cannot load weights from {path}: {reason}. Emo-vision loads only tensors, because "
+        raise WeightsError(f"cannot load weights from {path}: {reason}. emo-vision loads only tensors, because "
                            f"unpickling other objects can run code; {fix}") from error
     except Exception as error:  # torch raises RuntimeError, EOFError or KeyError for other files.
         raise WeightsError(f"cannot load weights from {path}: it is not a file written by torch.save, or it is "

@@ -63,8 +63,8 @@ def _is_run_directory(folder: Path) -> bool:
     return (folder / "config.json").is_file() or (folder / INCOMPLETE_MARKER).is_file()
 
 
-# Files a run writes for splits other than test; a new run in the same folder removes them,
-# so that they cannot be mistaken for its own.
+# Files that emo evaluate writes for splits other than test. A new run in the same folder removes
+# them, so they cannot be mistaken for its own.
 SPLIT_METRIC_PATTERNS = ("metrics-*.json", "confusion_matrix-*.png")
 
 

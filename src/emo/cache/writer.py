@@ -2,7 +2,7 @@
 that is renamed into place only when every row has been written.
 
 A partial file whose fingerprint matches the current command is resumed; one made by a different
-command is replaced only with ``overwrite``, unless it holds no written row, which costs nothing to lose.
+command is replaced only with ``overwrite``, unless it contains no written row and so costs nothing to lose.
 
 Crash safety rests on three rules. The partial file is built under a temporary name with every
 dataset allocated and is renamed to ``NAME.h5.partial`` only then, so a partial file always has
@@ -179,7 +179,7 @@ class CacheWriter:
         # A partial without rows is what an error in the first batch leaves (for example a float16
         # overflow), so the corrected command replaces it without --overwrite.
         if empty:
-            logger.info("replacing %s, which another command started but which holds no rows (%s)", self.partial,
+            logger.info("replacing %s, which another command started but which contains no rows (%s)", self.partial,
                         changed)
         elif not self.overwrite:
             raise CacheError(f"{self.partial} was started by a different command ({changed}); pass --overwrite "

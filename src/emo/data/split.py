@@ -120,9 +120,9 @@ def read_split_csv(path: Path, relpaths: list[str], *, labels: list[str] | None 
         root: the dataset root. When given, a row whose file does not exist is an error.
 
     Raises:
-        DataError: naming the file and line, if the file lacks a column, names an unknown split,
-            repeats a path, lacks a sample, lists a file that does not exist, gives a sample
-            another label or SHA-256, or leaves a class out of a split.
+        DataError: naming the file and line. The file may lack a column, name an unknown split,
+            repeat a path or lack a sample. A row may list a file that does not exist, or give a
+            sample another label or SHA-256. A class may be missing from a split.
 
     Example:
         >>> read_split_csv(Path("e6.split.csv"), ["joy/1.jpg"], labels=["joy"])  # doctest: +SKIP
@@ -147,7 +147,7 @@ def read_split_csv(path: Path, relpaths: list[str], *, labels: list[str] | None 
 
 @dataclass(frozen=True)
 class SplitRow:
-    """One row of a split file: its line, split, and label and SHA-256 ("" when the file has none)."""
+    """A row of a split file: its line, split, and label and SHA-256 ("" when the file has none)."""
 
     line: int
     split: str

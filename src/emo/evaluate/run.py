@@ -71,7 +71,7 @@ def _evaluate_head_run(run_dir: Path, settings: dict, *, cache: Path | None, spl
 
 
 def check_cache_matches_run(features: FeatureCache, settings: dict, run_dir: Path) -> None:
-    """Raise CacheError unless ``features`` holds the features a head run was trained and split on.
+    """Raise CacheError unless ``features`` contains the features a head run was trained and split on.
 
     The backbone (arch, weights, image size) decides what the features mean, and the split
     assignment decides which images are test images. A re-extraction with the same options
