@@ -15,8 +15,9 @@ import torch
 
 from emo.cache.reader import FeatureCache
 
-# Rows per block when computing the standardization statistics, in both storage modes.
-STATISTICS_BLOCK_ROWS = 4096
+# Rows per block when computing the standardization statistics, in both storage modes; a block's
+# float32 temporaries take a few times 1024 x C x 4 bytes.
+STATISTICS_BLOCK_ROWS = 1024
 
 
 @dataclass(frozen=True)
