@@ -3,7 +3,8 @@
 Generates N photo-sized JPEGs (500x375) and measures images per second of:
 
 1. the ceiling: torchvision's ResNet forward alone on decoded, transformed batches held in
-   memory (same batch size, threads, channels-last layout and precision as emo);
+   memory (same batch size, threads, channels-last layout and precision as emo), alternating
+   batch by batch with emo's own backbone (BatchNorms folded) on the same batches;
 2. ``emo extract`` end to end through its Python API (scan, decode, transform, forward, pool,
    HDF5 write, and building the model), per precision;
 3. a baseline as a researcher would write it: ``create_feature_extractor`` returning the five
@@ -40,12 +41,13 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from emo.cache import FeatureCache
 from emo.data.transforms import eval_transform
 from emo.extract import ExtractConfig, extract
+from emo.extract.forward import inference_backbone, pooled_stages
 from emo.extract.loading import default_workers
 from emo.stages import STAGE_NAMES, stage_infos
 
 from machine import Timer, machine_lines, machine_record, markdown_table, peak_rss_mb, run_child
 
-PHOTO_SIZE = (500, 375)  # width, height: the typical size of an FI photo
+PHOTO_SIZE = (500, 375)  # width, height: about the size of a photo of the FI data set
 POOL_BATCHES = 2  # distinct batches of the ceiling's in-memory images, reused round robin
 BASELINE_NODES = {"maxpool": "L0", "layer1": "L1", "layer2": "L2", "layer3": "L3", "layer4": "L4"}
 
@@ -85,21 +87,35 @@ def write_dataset(root: Path, photos: list[Path]) -> Path:
     return split_file
 
 
-def ceiling(photos: list[Path], *, arch: str, image_size: int, batch_size: int, precision: str) -> float:
-    """Return images/s of the backbone forward alone on transformed batches held in memory."""
+def forward_rates(photos: list[Path], *, arch: str, image_size: int, batch_size: int, precision: str) -> dict:
+    """Return images/s of the forward pass alone on transformed batches held in memory.
+
+    ``ceiling`` is torchvision's model; ``emo_backbone`` is the model as ``emo extract`` runs it
+    (BatchNorms folded, pooled stage outputs). The two alternate batch by batch, so a change in
+    the machine's load affects both alike.
+    """
     model = torchvision.models.get_model(arch, weights=None).eval().to(memory_format=torch.channels_last)
+    backbone = inference_backbone(torchvision.models.get_model(arch, weights=None).eval(), torch.device("cpu"))
     transform = eval_transform(image_size)
     pool = torch.stack([transform(Image.open(path).convert("RGB")) for path in photos[:POOL_BATCHES * batch_size]])
     pool = pool.contiguous(memory_format=torch.channels_last)
     sizes = [min(batch_size, len(photos) - start) for start in range(0, len(photos), batch_size)]
     batches = [pool[(i % POOL_BATCHES) * batch_size:][:size] for i, size in enumerate(sizes)]
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    seconds = {"ceiling": 0.0, "emo_backbone": 0.0}
     with torch.inference_mode(), autocast:
-        model(batches[0])  # warm-up: oneDNN builds its kernels on the first call of each shape
-        with Timer() as timer:
-            for batch in batches:
+        # Warm-up: oneDNN builds its kernels on the first call of each shape.
+        model(batches[0])
+        pooled_stages(backbone, batches[0])
+        for batch in batches:
+            with Timer() as timer:
                 model(batch)
-    return sum(len(batch) for batch in batches) / timer.wall
+            seconds["ceiling"] += timer.wall
+            with Timer() as timer:
+                pooled_stages(backbone, batch)
+            seconds["emo_backbone"] += timer.wall
+    images = sum(len(batch) for batch in batches)
+    return {name: images / value for name, value in seconds.items()}
 
 
 def emo_extract(data: Path, split_file: Path, out: Path, args, precision: str, **overrides) -> dict:
@@ -213,6 +229,8 @@ def report(args, record: dict, results: dict) -> list[str]:
         emo_rate = results["emo"][precision]["images_per_s"]
         ratio_rows.append([f"emo extract {precision} / ceiling {precision}",
                            f"{emo_rate / results['ceiling'][precision]:.3f}"])
+        ratio_rows.append([f"emo backbone alone {precision} / ceiling {precision}",
+                           f"{results['emo_backbone'][precision] / results['ceiling'][precision]:.3f}"])
         if precision != "fp32":
             ratio_rows.append([f"emo extract {precision} / ceiling fp32", f"{emo_rate / fp32_ceiling:.3f}"])
         if "baseline" in results:
@@ -221,7 +239,10 @@ def report(args, record: dict, results: dict) -> list[str]:
 
     absolute = []
     for precision in args.precisions:
-        absolute.append([f"ceiling {precision}", f"{results['ceiling'][precision]:.2f}", ""])
+        absolute.append([f"ceiling {precision}", f"{results['ceiling'][precision]:.2f}",
+                         "torchvision model, batches already in memory"])
+        absolute.append([f"emo backbone alone {precision}", f"{results['emo_backbone'][precision]:.2f}",
+                         "BatchNorms folded, same batches"])
         emo = results["emo"][precision]
         absolute.append([f"emo extract {precision}", f"{emo['images_per_s']:.2f}",
                          f"{emo['wall']:.1f} s for the whole call; forward loop alone "
@@ -281,11 +302,12 @@ def main() -> None:
         photos = write_photos(work / "photos", max(args.images, 2 * args.rss_images))
         data = work / "data"
         split_file = write_dataset(data, photos[:args.images])
-        results = {"ceiling": {}, "emo": {}, "threads": torch.get_num_threads(),
+        results = {"ceiling": {}, "emo_backbone": {}, "emo": {}, "threads": torch.get_num_threads(),
                    "workers": args.workers if args.workers is not None else default_workers(torch.device("cpu"))}
         for precision in args.precisions:
-            results["ceiling"][precision] = ceiling(photos[:args.images], arch=args.arch, image_size=args.image_size,
-                                                    batch_size=args.batch_size, precision=precision)
+            rates = forward_rates(photos[:args.images], arch=args.arch, image_size=args.image_size,
+                                  batch_size=args.batch_size, precision=precision)
+            results["ceiling"][precision], results["emo_backbone"][precision] = rates["ceiling"], rates["emo_backbone"]
             results["emo"][precision] = emo_extract(data, split_file, work / f"emo-{precision}.h5", args, precision)
             print(f"{precision}: ceiling {results['ceiling'][precision]:.2f} images/s, "
                   f"emo {results['emo'][precision]['images_per_s']:.2f} images/s", file=sys.stderr)

@@ -82,11 +82,17 @@ def fit_task(cache: Path, out: Path, args, *, stages: list[str], epochs: int, ma
             "stack_epochs": args.stack_epochs, "max_memory": max_memory}
 
 
+def training_memory(result: dict) -> float:
+    """Return how many MB a fit-heads child's peak memory rose above its memory before training."""
+    # Without /proc the memory before training is unknown, and the whole peak counts.
+    return result["peak_rss_mb"] - (result["rss_before_mb"] or 0.0)
+
+
 def memory_note(result: dict) -> str:
     """Return the peak memory of a fit-heads child, and its growth over the imports, as table text."""
     note = f"peak RSS {result['peak_rss_mb']:.0f} MB"
     if result["rss_before_mb"] is not None:
-        note += f", {result['peak_rss_mb'] - result['rss_before_mb']:.0f} MB above the process before training"
+        note += f", {training_memory(result):.0f} MB above the process before training"
     return note
 
 
@@ -105,9 +111,10 @@ def report(args, record: dict, results: dict) -> list[str]:
         ["fit-heads L4 time / LogisticRegression L4 time", f"{l4['wall'] / sk['wall']:.3f}"],
         ["fit-heads L4 accuracy - LogisticRegression accuracy (points)",
          f"{100 * (l4['accuracy']['L4'] - sk['accuracy']):+.2f}"],
-        [f"peak memory streamed / in memory ({args.stream_epochs} epochs)",
-         f"{streamed['peak_rss_mb'] / in_memory['peak_rss_mb']:.3f}"],
+        [f"training memory streamed / in memory ({args.stream_epochs} epochs)",
+         f"{training_memory(streamed) / training_memory(in_memory):.3f}"],
     ]) + [""]
+
     lines += markdown_table(["measurement", "wall s", "CPU s", "test accuracy", "notes"], [
         ["fit-heads, 5 branches + stacking", f"{full['wall']:.1f}", f"{full['cpu']:.1f}",
          f"{full['accuracy']['stacked']:.4f} stacked",
@@ -123,6 +130,7 @@ def report(args, record: dict, results: dict) -> list[str]:
          f"{streamed['cpu']:.1f}", f"{streamed['accuracy']['stacked']:.4f} stacked",
          memory_note(streamed)],
     ]) + [""]
+
     same = "identical to" if streamed["models"] == in_memory["models"] else "DIFFERENT from"
     lines += [f"Training features: {results['train_mb']:.0f} MB as float32 (cache file {results['cache_mb']:.0f} MB); "
               f"the streamed run's test metrics are {same} the in-memory run's.", ""]

@@ -3,7 +3,7 @@
 All stages of a split sit side by side in one matrix [N, sum of C], so a mini-batch is one
 gather rather than one per stage, and each stage is a column slice of the gathered rows.
 When the training matrix would exceed a memory budget, :class:`StreamedRows` reads it from the
-cache window by window instead; both classes yield the same mini-batches, value for value.
+cache window by window instead. Both classes yield the same mini-batches, value for value.
 """
 
 from collections.abc import Iterator
@@ -15,13 +15,14 @@ import torch
 
 from emo.cache.reader import FeatureCache
 
-# Rows per block when computing the standardization statistics, in both storage modes.
-STATISTICS_BLOCK_ROWS = 4096
+# Rows per block when computing the standardization statistics, in both storage modes; a block's
+# float32 temporaries take a few times 1024 x C x 4 bytes.
+STATISTICS_BLOCK_ROWS = 1024
 
 
 @dataclass(frozen=True)
 class StageColumns:
-    """Where each stage's features sit in the side-by-side matrix: {stage: (first column, width)}."""
+    """The column span of each stage in the side-by-side matrix: {stage: (first column, width)}."""
 
     spans: dict[str, tuple[int, int]]
 
@@ -67,10 +68,10 @@ def read_matrix(cache: FeatureCache, rows: np.ndarray, columns: StageColumns,
 def column_statistics(blocks: Iterator[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the mean and sample standard deviation of each column over row blocks [n, C].
 
-    Each block's mean and sum of squared deviations (two passes over the block, in float32) are
-    merged in float64 with the pairwise update of Chan, Golub and LeVeque (1979), which stays
-    accurate when a column's mean is far larger than its spread. The same blocks always give the
-    same result.
+    Each block's mean and sum of squared deviations come from two passes over the block in
+    float32. The blocks are merged in float64 with the pairwise update of Chan, Golub and LeVeque
+    (1979), which stays accurate when a column's mean is far larger than its spread. The same
+    blocks always give the same result.
     """
     count, mean, squares = 0, None, None
     for block in blocks:

@@ -59,6 +59,10 @@ def load_split(cache: FeatureCache, split: str, stages: tuple[str, ...]) -> Spli
 def load_train_rows(cache: FeatureCache, config: FitHeadsConfig) -> InMemoryRows | StreamedRows:
     """Return the training rows of ``config.stages``: in memory, or streamed when they exceed ``config.max_memory``.
 
+    NOTE: ``max_memory`` bounds the training rows only; the val split stays in memory during
+    training and the test split is read whole afterwards (together a quarter of the training
+    rows with the default 80/5/15 split).
+
     Raises:
         ValueError: if ``config.max_memory`` cannot hold one mini-batch of training rows.
     """
