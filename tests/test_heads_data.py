@@ -87,6 +87,31 @@ def test_streamed_batches_equal_in_memory(cache):
             assert torch.equal(features[name], streamed_features[name])
 
 
+def test_standardized_batches_equal_standardizing_each_batch(cache):
+    raw, _ = _rows(cache, window_rows=70)
+    in_memory, streamed = _rows(cache, window_rows=70)
+    mean, std = torch.linspace(-1.0, 1.0, 640), torch.linspace(0.5, 2.0, 640)
+    in_memory.standardize(mean, std)
+    streamed.standardize(mean, std)
+    order = torch.randperm(len(raw.labels), generator=torch.Generator().manual_seed(1)).split(32)
+    with raw, in_memory, streamed:
+        triples = list(zip(raw.batches(order), in_memory.batches(order), streamed.batches(order), strict=True))
+    spans = raw.columns.spans
+    for (features, _), (standardized, _), (streamed_features, _) in triples:
+        for name, (start, width) in spans.items():
+            expected = (features[name] - mean[start:start + width]) / std[start:start + width]
+            assert torch.equal(standardized[name], expected)
+            assert torch.equal(streamed_features[name], expected)
+    assert in_memory.standardized and streamed.standardized and not raw.standardized
+
+
+def test_statistics_of_standardized_rows_are_refused(cache):
+    in_memory, _ = _rows(cache, window_rows=70)
+    in_memory.standardize(torch.zeros(640), torch.ones(640))
+    with pytest.raises(RuntimeError, match="before they are standardized"):
+        in_memory.statistics("L4")
+
+
 def test_streamed_statistics_equal_in_memory(cache):
     in_memory, streamed = _rows(cache, window_rows=64)
     for first, second in zip(in_memory.statistics("L4"), streamed.statistics("L4"), strict=True):

@@ -101,6 +101,15 @@ class InMemoryRows:
         self.matrix = matrix
         self.labels = labels
         self.columns = columns
+        self.standardized = False
+
+    def standardize(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardize the matrix in place with a mean and standard deviation [sum of C], once.
+
+        The values equal those of standardizing each mini-batch, with no copy of the matrix.
+        """
+        self.matrix.sub_(mean).div_(std)
+        self.standardized = True
 
     def __enter__(self) -> "InMemoryRows":
         return self
@@ -110,6 +119,8 @@ class InMemoryRows:
 
     def statistics(self, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the mean and standard deviation [C] of one stage's training features."""
+        if self.standardized:
+            raise RuntimeError("statistics of the training rows are read before they are standardized")
         start, width = self.columns.spans[stage]
         view = self.matrix.numpy()[:, start:start + width]
         return column_statistics(view[i:i + STATISTICS_BLOCK_ROWS]
@@ -140,8 +151,18 @@ class StreamedRows:
         self.labels = labels
         self.columns = columns
         self.window_rows = window_rows
+        self._standardization: tuple[torch.Tensor, torch.Tensor] | None = None
         self._buffer = None
         self._cache: FeatureCache | None = None
+
+    @property
+    def standardized(self) -> bool:
+        """Whether the mini-batches are standardized (see :meth:`standardize`)."""
+        return self._standardization is not None
+
+    def standardize(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardize every window as it is read, with a mean and standard deviation [sum of C]."""
+        self._standardization = (mean, std)
 
     def __enter__(self) -> "StreamedRows":
         self._cache = FeatureCache(self.path)
@@ -167,6 +188,9 @@ class StreamedRows:
             needed = torch.unique(torch.cat(window))  # sorted training positions of this window
             buffer = self._buffer[:len(needed)]
             read_matrix(self._cache, self.rows[needed.numpy()], self.columns, out=buffer.numpy())
+            if self._standardization is not None:
+                mean, std = self._standardization
+                buffer.sub_(mean).div_(std)
             for index in window:
                 positions = torch.searchsorted(needed, index)
                 yield self.columns.split(buffer.index_select(0, positions)), self.labels.index_select(0, index)

@@ -10,6 +10,7 @@ keeps equal weights, ``logreg`` fits a meta-learner on the val split (:mod:`emo.
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from emo.data.sampling import make_sampler
 from emo.errors import CacheError, TrainingError
 from emo.evaluate.metrics import compute_metrics
 from emo.heads.config import FitHeadsConfig
+from emo.heads.gradients import set_branch_gradients
 from emo.heads.data import InMemoryRows, StageColumns, StreamedRows, read_matrix, row_bytes
 from emo.heads.model import StackedHeads
 from emo.heads.outputs import write_head_run
@@ -117,6 +119,7 @@ def _fit_heads(config: FitHeadsConfig) -> dict:
     model = StackedHeads(channels, len(classes), dropout=config.dropout, fusion=config.fusion,
                          stacking=config.stacking)
     _set_standardization(model, train, config.cache)
+    train.standardize(*model.standardization())
 
     with train:
         history = train_branches(model, splits, config, generator)
@@ -252,16 +255,18 @@ def _train_epoch(model: StackedHeads, train: InMemoryRows | StreamedRows, config
     total, count = 0.0, 0
     phase = "stacking" if stacked else "branch"
     for features, labels in train.batches(epoch_batches(train.labels, config, generator)):
-        logits = model.branch_logits(features)  # {stage: [B, K]}
-        loss = _stacked_loss(model, logits, labels) if stacked else _branches_loss(logits, labels)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"the training loss became {loss.item()} in epoch {epoch} of {phase} training; "
+        # The training rows arrive standardized (see _fit_heads). Branches alone have a gradient in
+        # closed form; the stacking trains through autograd.
+        if stacked:
+            value = _stacked_backward(model, features, labels, optimizer)
+        else:
+            value = set_branch_gradients(model, features, labels)
+        if not math.isfinite(value):
+            raise TrainingError(f"the training loss became {value} in epoch {epoch} of {phase} training; "
                                 f"stopped without writing a run, so {config.out} is unchanged. Lower --lr "
                                 f"(now {config.lr:g}) and rerun")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         optimizer.step()
-        total += loss.item() * len(labels)
+        total += value * len(labels)
         count += len(labels)
     # A step can overflow the parameters while the loss that led to it was still finite. Checking
     # once per epoch costs little and still stops before a diverged model is kept or written.
@@ -281,8 +286,13 @@ def require_finite_parameters(model: torch.nn.Module, config: FitHeadsConfig, *,
                                 f"(now {config.lr:g}) and rerun")
 
 
-def _branches_loss(logits: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    return sum(F.cross_entropy(values, labels) for values in logits.values())
+def _stacked_backward(model: StackedHeads, standardized: dict[str, torch.Tensor], labels: torch.Tensor,
+                      optimizer: torch.optim.Optimizer) -> float:
+    """Set the gradients of the stacked loss on one mini-batch; return the loss."""
+    loss = _stacked_loss(model, model.branch_logits(standardized, standardized=True), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss.item()
 
 
 def _stacked_loss(model: StackedHeads, logits: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
