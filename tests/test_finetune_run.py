@@ -45,7 +45,8 @@ def read_history(run_dir: Path) -> list[dict]:
 
 
 def without_seconds(history: list[dict]) -> list[dict]:
-    return [{key: value for key, value in record.items() if key != "seconds"} for record in history]
+    timings = ("seconds", "train_seconds", "train_images_per_second")
+    return [{key: value for key, value in record.items() if key not in timings} for record in history]
 
 
 class Killed(Exception):
@@ -96,7 +97,10 @@ def test_finetune_cli_writes_run_that_evaluates(ft_images, tmp_path, variant):
 
     steps = ["step1", "step2"] if variant == "ensemble" else ["train"]
     assert list(metrics["trainable_parameters"]) == steps
-    assert [record["step"] for record in read_history(run_dir)] == steps
+    history = read_history(run_dir)
+    assert [record["step"] for record in history] == steps
+    assert all(0 < record["train_seconds"] <= record["seconds"] for record in history)
+    assert all(record["train_images_per_second"] > 0 for record in history)
     settings = json.loads((run_dir / "config.json").read_text())
     assert settings["backbone"]["image_size"] == 32
     assert settings["training"]["trainable_parameters"] == metrics["trainable_parameters"]

@@ -109,6 +109,7 @@ def _run_epoch(session: Session, trained: torch.nn.Module, step: TrainingStep, e
     try:
         loss = train_epoch(trained, session.train, optimizer, step, session.runtime, where=where,
                            distributed=session.distributed)
+        train_seconds = time.perf_counter() - started
         progress.epoch = epoch
         if not session.distributed.is_main:
             return
@@ -122,7 +123,12 @@ def _run_epoch(session: Session, trained: torch.nn.Module, step: TrainingStep, e
 
     if progress.best.improves_on(scores["val_accuracy"], scores["val_loss"]):
         progress.best = Best(scores["val_accuracy"], scores["val_loss"], epoch, state_copy(session.model))
+    # train_seconds covers the training pass alone (loading, forward, backward, optimizer step) of
+    # all ranks together, which draw len(dataset) images per epoch between them; seconds also
+    # covers scoring val and writing the checkpoint.
     record = {"step": step.name, "epoch": epoch, "loss": loss, **scores, "best_epoch": progress.best.epoch,
+              "train_seconds": train_seconds,
+              "train_images_per_second": len(session.train.dataset) / train_seconds,
               "seconds": time.perf_counter() - started}
     progress.history.append(record)
     # The checkpoint comes last: a run killed in between resumes from the previous one and rewrites the history.
@@ -130,8 +136,9 @@ def _run_epoch(session: Session, trained: torch.nn.Module, step: TrainingStep, e
     save_checkpoint(session.run_dir, fingerprint=session.config.fingerprint(), workers=session.config.workers,
                     progress=progress, model=session.model, optimizer=optimizer,
                     rng=capture_rng(session.sampler_generator, session.loader_generator))
-    logger.info("%s: loss %.4f, val accuracy %.4f, val macro recall %.4f, %.1f s", where, loss,
-                scores["val_accuracy"], scores["val_macro_recall"], record["seconds"])
+    logger.info("%s: loss %.4f, val accuracy %.4f, val macro recall %.4f, %.1f s (%.1f training images/s)", where,
+                loss, scores["val_accuracy"], scores["val_macro_recall"], record["seconds"],
+                record["train_images_per_second"])
 
 
 def _kept_checkpoint(run_dir: Path, progress: Progress) -> str:
