@@ -1,6 +1,7 @@
 """Fine-tuning building blocks: variant models, training steps, optimizer, batches, config, runtime."""
 
 import math
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from torch import nn
 
 from emo.backbone import build_resnet
 from emo.finetune.config import VARIANTS, FinetuneConfig
-from emo.finetune.data import MergedTailBatchSampler, prepare_data, split_images, train_loader
+from emo.finetune.data import MergedTailBatchSampler, prepare_data, split_images, train_loader, worker_context
 from emo.finetune.evaluate import predict_logits
 from emo.finetune.loop import train_epoch
 from emo.finetune.models import build_model
@@ -287,7 +288,26 @@ def test_fingerprint_ignores_resumable_options():
     assert base.fingerprint() != make_config("fc", lr_new=0.01).fingerprint()
 
 
-def test_runtime_on_cpu_is_float32_contiguous():
+def test_runtime_on_cpu_is_float32_channels_last():
     runtime = Runtime.create("cpu", precision="bf16", channels_last=True)
-    assert (runtime.bf16, runtime.channels_last) == (False, False)
+    assert (runtime.bf16, runtime.channels_last) == (False, True)
+    assert runtime.describe() == "cpu, float32, channels-last"
+    assert runtime.memory_format == torch.channels_last
+
+
+def test_runtime_without_channels_last_is_contiguous():
+    runtime = Runtime.create("cpu", channels_last=False)
     assert runtime.describe() == "cpu, float32"
+    assert runtime.memory_format == torch.contiguous_format
+
+
+def test_loader_workers_start_from_forkserver():
+    context = worker_context(2)
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        assert context is None
+    else:
+        assert context.get_start_method() == "forkserver"
+
+
+def test_no_workers_need_no_start_method():
+    assert worker_context(0) is None
