@@ -30,7 +30,7 @@ class FinetuneConfig:
 
     ``epochs`` is the length of the only training step, or of step 1 of ``ensemble``.
     ``stack_epochs`` is the length of step 2 of ``ensemble`` (branches and combining weights).
-    ``precision`` and ``channels_last`` apply on CUDA only; on the CPU training runs in float32.
+    ``precision`` applies on CUDA only, so on the CPU training runs in float32; ``channels_last`` applies everywhere.
     """
 
     data: Path
