@@ -12,10 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def run_bench(script: str, *args: str) -> str:
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, env=environment,
-                            capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, env=environment,
+                          capture_output=True, text=True, timeout=600)
+
+
+def run_bench(script: str, *args: str) -> str:
+    result = run_script(script, *args)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
 
@@ -25,6 +29,7 @@ def test_extract_bench_tiny_run():
                        "--batch-size", "4", "--rss-images", "4", "--sweep", "1:0")
     assert output.startswith("### `emo extract`: 8 JPEGs of 500x375, resnet18, 64 px, batch 4")
     assert "| emo extract fp32 / ceiling fp32 |" in output
+    assert "| emo extract fp32 / emo backbone alone fp32 |" in output
     assert "| emo extract bf16 / ceiling fp32 |" in output
     assert "| baseline fp32 |" in output
     assert "Smallest cosine similarity" in output
@@ -39,3 +44,24 @@ def test_heads_bench_tiny_run():
     assert "| fit-heads L4 time / LogisticRegression L4 time |" in output
     assert "| fit-heads --max-memory 256KB, 2 epochs |" in output
     assert "the streamed run's test metrics are identical to the in-memory run's" in output
+
+
+def test_finetune_bench_tiny_run():
+    output = run_bench("finetune.py", "--train-images", "8", "--arch", "resnet18", "--image-size", "32",
+                       "--batch-size", "4", "--epochs", "2", "--variants", "fc", "--workers", "0")
+    assert output.startswith("### `emo finetune`: 8 training JPEGs of 500x375, resnet18, 32 px, batch 4")
+    assert "| emo finetune full / plain loop (images/s) |" in output
+    assert "| emo finetune full / plain loop in channels-last (images/s) |" in output
+    assert "| fc step / full step (seconds per image) |" in output
+    assert "| emo finetune fc |" in output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--variants", "fc,bogus"], "--variants: 'bogus' is not one of"),
+    (["--train-images", "4", "--batch-size", "4"], "--train-images must be at least twice --batch-size"),
+    (["--epochs", "1"], "--epochs at least 2"),
+])
+def test_finetune_bench_rejects_bad_options(args, message):
+    result = run_script("finetune.py", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
