@@ -16,9 +16,17 @@ It also compares every pooled row of the bf16 cache with the fp32 row of the sam
 compare their peak resident memory. Weights are random (ImageNet weights need a download).
 The last lines of the output are a Markdown block for docs/benchmarks.md.
 
+With ``--device cuda`` every measurement runs on the GPU, the ceiling and the baseline
+included, and ``--distinct-photos`` keeps the number of JPEGs to generate small while N is
+large: the dataset then repeats them under other names.
+
+NOTE: the ``--device cuda`` path has been run on the CPU's code path only; no GPU was available
+when it was written.
+
 Usage:
     python bench/extract.py [--images 1024] [--arch resnet101] [--image-size 224] [--batch-size 32]
                             [--precisions fp32,bf16] [--rss-images 128] [--sweep 2:1,2:0,1:1]
+                            [--device cpu] [--distinct-photos 1024]
 """
 
 import argparse
@@ -41,7 +49,8 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from emo.cache import FeatureCache
 from emo.data.transforms import eval_transform
 from emo.extract import ExtractConfig, extract
-from emo.extract.forward import inference_backbone, pooled_stages
+from emo.backbone import resolve_device
+from emo.extract.forward import cudnn_autotuning, inference_backbone, pooled_stages
 from emo.extract.loading import default_workers
 from emo.stages import STAGE_NAMES, stage_infos
 
@@ -50,6 +59,22 @@ from photos import PHOTO_SIZE, write_photos
 
 POOL_BATCHES = 2  # distinct batches of the ceiling's in-memory images, reused round robin
 BASELINE_NODES = {"maxpool": "L0", "layer1": "L1", "layer2": "L2", "layer3": "L3", "layer4": "L4"}
+
+
+def repeated_photos(folder: Path, count: int, distinct: int) -> list[Path]:
+    """Write ``min(count, distinct)`` JPEGs and return ``count`` paths, hard links repeating them in turn.
+
+    Decoding a repeated file costs as much as decoding a new one, so a GPU run can measure tens of
+    thousands of images without generating each of them.
+    """
+    originals = write_photos(folder, min(count, distinct))
+    paths = list(originals)
+    for index in range(len(originals), count):
+        path = folder / f"{index:06d}.jpg"
+        path.unlink(missing_ok=True)
+        os.link(originals[index % len(originals)], path)
+        paths.append(path)
+    return paths
 
 
 def write_dataset(root: Path, photos: list[Path]) -> Path:
@@ -71,32 +96,43 @@ def write_dataset(root: Path, photos: list[Path]) -> Path:
     return split_file
 
 
-def forward_rates(photos: list[Path], *, arch: str, image_size: int, batch_size: int, precision: str) -> dict:
-    """Return images/s of the forward pass alone on transformed batches held in memory.
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device``, so that a timer around it measures the work itself."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forward_rates(photos: list[Path], *, arch: str, image_size: int, batch_size: int, precision: str,
+                  device: torch.device) -> dict:
+    """Return images/s of the forward pass alone on transformed batches held in memory on ``device``.
 
     ``ceiling`` is torchvision's model; ``emo_backbone`` is the model as ``emo extract`` runs it
     (BatchNorms folded, pooled stage outputs). The two alternate batch by batch, so a change in
     the machine's load affects both alike.
     """
-    model = torchvision.models.get_model(arch, weights=None).eval().to(memory_format=torch.channels_last)
-    backbone = inference_backbone(torchvision.models.get_model(arch, weights=None).eval(), torch.device("cpu"))
+    model = torchvision.models.get_model(arch, weights=None).eval().to(device, memory_format=torch.channels_last)
+    backbone = inference_backbone(torchvision.models.get_model(arch, weights=None).eval(), device)
     transform = eval_transform(image_size)
     pool = torch.stack([transform(Image.open(path).convert("RGB")) for path in photos[:POOL_BATCHES * batch_size]])
-    pool = pool.contiguous(memory_format=torch.channels_last)
+    pool = pool.to(device).contiguous(memory_format=torch.channels_last)
     sizes = [min(batch_size, len(photos) - start) for start in range(0, len(photos), batch_size)]
     batches = [pool[(i % POOL_BATCHES) * batch_size:][:size] for i, size in enumerate(sizes)]
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     seconds = {"ceiling": 0.0, "emo_backbone": 0.0}
-    with torch.inference_mode(), autocast:
-        # Warm-up: oneDNN builds its kernels on the first call of each shape.
-        model(batches[0])
-        pooled_stages(backbone, batches[0])
+    with torch.inference_mode(), autocast, cudnn_autotuning(device):
+        # Warm-up: oneDNN builds (and cuDNN times) its kernels on the first call of each shape.
+        for size in sorted(set(sizes)):
+            model(batches[0][:size])
+            pooled_stages(backbone, batches[0][:size])
+        synchronize(device)
         for batch in batches:
             with Timer() as timer:
                 model(batch)
+                synchronize(device)
             seconds["ceiling"] += timer.wall
             with Timer() as timer:
                 pooled_stages(backbone, batch)
+                synchronize(device)
             seconds["emo_backbone"] += timer.wall
     images = sum(len(batch) for batch in batches)
     return {name: images / value for name, value in seconds.items()}
@@ -105,7 +141,7 @@ def forward_rates(photos: list[Path], *, arch: str, image_size: int, batch_size:
 def emo_extract(data: Path, split_file: Path, out: Path, args, precision: str, **overrides) -> dict:
     """Run ``emo extract`` through its Python API; return images/s of the whole call and of its loop."""
     options = dict(data=data, out=out, split_file=split_file, weights="random", arch=args.arch,
-                   image_size=args.image_size, batch_size=args.batch_size, device="cpu", dtype="float32",
+                   image_size=args.image_size, batch_size=args.batch_size, device=args.device, dtype="float32",
                    precision=precision, overwrite=True)
     if args.workers is not None:
         options["workers"] = args.workers
@@ -132,11 +168,12 @@ class PlainImages(Dataset):
         return self.transform(Image.open(self.paths[index]).convert("RGB"))
 
 
-def baseline(photos: list[Path], out: Path, *, arch: str, image_size: int, batch_size: int) -> float:
+def baseline(photos: list[Path], out: Path, *, arch: str, image_size: int, batch_size: int,
+             device: torch.device) -> float:
     """Return images/s of a plain extraction script, model construction included as in ``emo extract``."""
     widths = {info.name: info.channels for info in stage_infos(arch)}
     with Timer() as timer:
-        model = torchvision.models.get_model(arch, weights=None).eval()
+        model = torchvision.models.get_model(arch, weights=None).eval().to(device)
         extractor = create_feature_extractor(model, return_nodes=BASELINE_NODES)
         loader = DataLoader(PlainImages(photos, image_size), batch_size=batch_size)
         with h5py.File(out, "w") as file, torch.no_grad():
@@ -144,7 +181,8 @@ def baseline(photos: list[Path], out: Path, *, arch: str, image_size: int, batch
                         for name, width in widths.items()}
             row = 0
             for images in loader:
-                pooled = {name: fmap.mean(dim=(2, 3)).numpy() for name, fmap in extractor(images).items()}
+                maps = extractor(images.to(device)).items()
+                pooled = {name: fmap.mean(dim=(2, 3)).cpu().numpy() for name, fmap in maps}
                 for index in range(len(images)):
                     for name, values in pooled.items():
                         datasets[name][row] = values[index]
@@ -179,7 +217,7 @@ def rss_check(work: Path, photos: list[Path], args, precision: str) -> list[dict
         root = work / f"rss{count}"
         split_file = write_dataset(root, photos[:count])
         task = dict(data=str(root), out=str(work / f"rss{count}.h5"), split_file=str(split_file), weights="random",
-                    arch=args.arch, image_size=args.image_size, batch_size=args.batch_size, device="cpu",
+                    arch=args.arch, image_size=args.image_size, batch_size=args.batch_size, device=args.device,
                     dtype="float32", precision=precision)
         if args.workers is not None:
             task["workers"] = args.workers
@@ -204,8 +242,10 @@ def report(args, record: dict, results: dict) -> list[str]:
     command = "python bench/extract.py " + " ".join(sys.argv[1:])
     fp32_ceiling = results["ceiling"]["fp32"]
     lines = [f"### `emo extract`: {args.images} JPEGs of {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}, {args.arch}, "
-             f"{args.image_size} px, batch {args.batch_size}", "", f"Command: `{command}`", ""]
+             f"{args.image_size} px, batch {args.batch_size}, {args.device}", "", f"Command: `{command}`", ""]
     lines += machine_lines(record)
+    if results.get("gpu"):
+        lines += [f"- GPU: {results['gpu']}."]
     lines += [f"- emo settings: workers {results['workers']}, threads {results['threads']}; random weights, "
               "float32 cache (a random ResNet-101 overflows float16).", ""]
     ratio_rows = []
@@ -267,12 +307,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rss-images", type=int, default=128, help="N0 of the peak-memory check")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain baseline")
     parser.add_argument("--sweep", default="", help="threads:workers pairs to compare, e.g. 2:1,2:0,1:1")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N; every measurement runs there")
+    parser.add_argument("--distinct-photos", type=int, default=1024,
+                        help="JPEGs to generate; a larger --images repeats them under other names")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the images and caches here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.precisions = args.precisions.split(",")
     if "fp32" not in args.precisions:
         parser.error("--precisions must include fp32, the reference of every ratio")
+    if args.distinct_photos < 1:
+        parser.error(f"--distinct-photos must be at least 1, got {args.distinct_photos}")
+    try:
+        resolve_device(args.device)
+    except ValueError as error:
+        parser.error(f"--device: {error}")
     return args
 
 
@@ -284,23 +333,25 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     record = machine_record()
+    device = resolve_device(args.device)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="emo-bench-extract-"))
     try:
-        photos = write_photos(work / "photos", max(args.images, 2 * args.rss_images))
+        photos = repeated_photos(work / "photos", max(args.images, 2 * args.rss_images), args.distinct_photos)
         data = work / "data"
         split_file = write_dataset(data, photos[:args.images])
         results = {"ceiling": {}, "emo_backbone": {}, "emo": {}, "threads": torch.get_num_threads(),
-                   "workers": args.workers if args.workers is not None else default_workers(torch.device("cpu"))}
+                   "workers": args.workers if args.workers is not None else default_workers(device),
+                   "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
         for precision in args.precisions:
             rates = forward_rates(photos[:args.images], arch=args.arch, image_size=args.image_size,
-                                  batch_size=args.batch_size, precision=precision)
+                                  batch_size=args.batch_size, precision=precision, device=device)
             results["ceiling"][precision], results["emo_backbone"][precision] = rates["ceiling"], rates["emo_backbone"]
             results["emo"][precision] = emo_extract(data, split_file, work / f"emo-{precision}.h5", args, precision)
             print(f"{precision}: ceiling {results['ceiling'][precision]:.2f} images/s, "
                   f"emo {results['emo'][precision]['images_per_s']:.2f} images/s", file=sys.stderr)
         if not args.no_baseline:
             results["baseline"] = baseline(photos[:args.images], work / "baseline.h5", arch=args.arch,
-                                           image_size=args.image_size, batch_size=args.batch_size)
+                                           image_size=args.image_size, batch_size=args.batch_size, device=device)
         if "bf16" in args.precisions:
             results["cosine"] = min_cosine(work / "emo-fp32.h5", work / "emo-bf16.h5")
         results["rss_precision"] = args.precisions[-1]

@@ -26,8 +26,8 @@ def run_bench(script: str, *args: str) -> str:
 
 def test_extract_bench_tiny_run():
     output = run_bench("extract.py", "--images", "8", "--image-size", "64", "--arch", "resnet18",
-                       "--batch-size", "4", "--rss-images", "4", "--sweep", "1:0")
-    assert output.startswith("### `emo extract`: 8 JPEGs of 500x375, resnet18, 64 px, batch 4")
+                       "--batch-size", "4", "--rss-images", "4", "--sweep", "1:0", "--distinct-photos", "3")
+    assert output.startswith("### `emo extract`: 8 JPEGs of 500x375, resnet18, 64 px, batch 4, cpu")
     assert "| emo extract fp32 / ceiling fp32 |" in output
     assert "| emo extract fp32 / emo backbone alone fp32 |" in output
     assert "| emo extract bf16 / ceiling fp32 |" in output
@@ -63,5 +63,16 @@ def test_finetune_bench_tiny_run():
 ])
 def test_finetune_bench_rejects_bad_options(args, message):
     result = run_script("finetune.py", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--device", "tpu"], "--device: invalid device 'tpu'"),
+    (["--distinct-photos", "0"], "--distinct-photos must be at least 1, got 0"),
+    (["--precisions", "bf16"], "--precisions must include fp32"),
+])
+def test_extract_bench_rejects_bad_options(args, message):
+    result = run_script("extract.py", *args)
     assert result.returncode == 2
     assert message in result.stderr
