@@ -2,6 +2,11 @@
 
 import math
 import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -311,3 +316,70 @@ def test_loader_workers_start_from_forkserver():
 
 def test_no_workers_need_no_start_method():
     assert worker_context(0) is None
+
+
+# Starts a training loader with two forkserver workers over DATA, fetches one batch and waits.
+LOADER_SCRIPT = """
+import sys, time
+from pathlib import Path
+import torch
+from emo.finetune.config import FinetuneConfig
+from emo.finetune.data import SplitImages, train_loader
+paths = sorted(Path(sys.argv[1]).rglob("*.jpg"))
+config = FinetuneConfig(data=Path(sys.argv[1]), variant="fc", out=Path("unused"), image_size=32, batch_size=2,
+                        workers=2)
+loader = train_loader(SplitImages(paths, [index % 3 for index in range(len(paths))]), config,
+                      sampler_generator=torch.Generator().manual_seed(0),
+                      loader_generator=torch.Generator().manual_seed(0))
+batches = iter(loader)
+next(batches)
+print("ready", flush=True)
+time.sleep(300)
+"""
+
+
+def descendants(pid: int) -> set[int]:
+    """Return the ids of every process below ``pid``, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process exited while the loop ran
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, pending = set(), [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.add(child)
+            pending.append(child)
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods() or not Path("/proc/self").is_dir(),
+                    reason="needs the forkserver start method and /proc")
+def test_loader_workers_exit_with_killed_trainer(ft_images):
+    trainer = subprocess.Popen([sys.executable, "-c", LOADER_SCRIPT, str(ft_images)], stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        assert trainer.stdout.readline().strip() == "ready"
+        helpers = descendants(trainer.pid)  # the forkserver, its loader workers, the resource tracker
+        assert len(helpers) >= 3
+    finally:
+        trainer.kill()
+        trainer.wait()
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(running(pid) for pid in helpers):
+        time.sleep(0.2)
+    left = [pid for pid in helpers if running(pid)]
+    for pid in left:  # so that a failure leaves no stray processes behind
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes {left} outlived the killed training process"

@@ -2,6 +2,7 @@
 
 import multiprocessing
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,27 @@ def worker_context(workers: int) -> multiprocessing.context.BaseContext | None:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(WORKER_PRELOAD)
     return context
+
+
+def exit_with_training_process(worker_id: int) -> None:
+    """Start a thread that ends this loader worker as soon as the training process exits.
+
+    torch's workers (2.14, ``ManagerWatchdog`` in ``torch/utils/data/_utils/worker.py``) notice a
+    dead parent by a change of ``os.getppid()``. A forkserver worker's parent is the forkserver,
+    which CPython keeps running while any worker has the write end of its "alive" pipe open.
+    So without this thread, a training process killed by SIGKILL or SIGTERM leaves the
+    forkserver and its workers running for good. In a worker, ``multiprocessing.parent_process()``
+    is the training process.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def wait_then_exit() -> None:
+        parent.join()
+        os._exit(1)
+
+    threading.Thread(target=wait_then_exit, name="exit-with-training-process", daemon=True).start()
 
 
 @dataclass
@@ -174,7 +196,8 @@ def train_loader(images: SplitImages, config: FinetuneConfig, *, sampler_generat
     if distributed.enabled:
         batches = ShardedBatchSampler(batches, distributed)
     return DataLoader(dataset, batch_sampler=batches, num_workers=config.workers, generator=loader_generator,
-                      pin_memory=pin_memory, multiprocessing_context=worker_context(config.workers))
+                      pin_memory=pin_memory, multiprocessing_context=worker_context(config.workers),
+                      worker_init_fn=exit_with_training_process)
 
 
 def eval_loader(images: SplitImages, *, image_size: int, batch_size: int, workers: int,
@@ -184,4 +207,4 @@ def eval_loader(images: SplitImages, *, image_size: int, batch_size: int, worker
     # Its own generator, so that evaluating never draws from the global RNG that training uses.
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       generator=torch.Generator().manual_seed(0), pin_memory=pin_memory,
-                      multiprocessing_context=worker_context(workers))
+                      multiprocessing_context=worker_context(workers), worker_init_fn=exit_with_training_process)
