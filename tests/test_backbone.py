@@ -122,6 +122,19 @@ def test_resolve_device():
         resolve_device("tpu")
 
 
+@pytest.mark.parametrize("name", ["mps", "meta", "xpu"])
+def test_resolve_device_rejects_other_backends(name):
+    with pytest.raises(ValueError, match=f"invalid device '{name}': emo runs on the CPU or CUDA only"):
+        resolve_device(name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_resolve_device_rejects_missing_gpu_index():
+    index = torch.cuda.device_count()
+    with pytest.raises(ValueError, match=f"only {index} CUDA device"):
+        resolve_device(f"cuda:{index}")
+
+
 def saved_state_dict(path: Path, arch: str = "resnet18", *, edit=None) -> Path:
     """Save the state dict of a seeded random ``arch``, changed by ``edit`` (dict -> dict), to ``path``."""
     model, _ = build_resnet(arch, "random", seed=1)

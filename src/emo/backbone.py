@@ -308,6 +308,13 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as error:
         raise ValueError(f"invalid device {name!r}; use auto, cpu, cuda or cuda:N") from error
+    # torch.device also accepts mps, xpu, meta and others, which emo does not run on.
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"invalid device {name!r}: emo runs on the CPU or CUDA only; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"invalid device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible, "
+                         f"numbered from 0")
+    return device
