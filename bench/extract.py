@@ -84,7 +84,8 @@ def write_dataset(root: Path, photos: list[Path]) -> Path:
     stratified split would need 20 per class, and every class needs a row in each split).
     """
     folder = root / "photo"
-    folder.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)  # links of an earlier run in the same --workdir
+    folder.mkdir(parents=True)
     for photo in photos:
         os.link(photo, folder / photo.name)
     split_file = root.with_name(root.name + ".split.csv")
@@ -218,7 +219,7 @@ def rss_check(work: Path, photos: list[Path], args, precision: str) -> list[dict
         split_file = write_dataset(root, photos[:count])
         task = dict(data=str(root), out=str(work / f"rss{count}.h5"), split_file=str(split_file), weights="random",
                     arch=args.arch, image_size=args.image_size, batch_size=args.batch_size, device=args.device,
-                    dtype="float32", precision=precision)
+                    dtype="float32", precision=precision, overwrite=True)
         if args.workers is not None:
             task["workers"] = args.workers
         if args.threads is not None:
@@ -230,8 +231,7 @@ def rss_check(work: Path, photos: list[Path], args, precision: str) -> list[dict
 def sweep(data: Path, split_file: Path, work: Path, args) -> list[dict]:
     """Measure ``emo extract`` (fp32) for each ``threads:workers`` pair of ``args.sweep``."""
     rows = []
-    for pair in args.sweep.split(","):
-        threads, workers = (int(part) for part in pair.split(":"))
+    for threads, workers in args.sweep_pairs:
         result = emo_extract(data, split_file, work / "sweep.h5", args, "fp32", threads=threads, workers=workers)
         rows.append({"threads": threads, "workers": workers, **result})
     return rows
@@ -295,6 +295,22 @@ def report(args, record: dict, results: dict) -> list[str]:
     return lines
 
 
+def parse_sweep(text: str) -> list[tuple[int, int]]:
+    """Return the ``(threads, workers)`` pairs of a ``--sweep`` value such as ``2:1,2:0``.
+
+    Raises:
+        ValueError: if a pair is not two whole numbers with at least 1 thread.
+    """
+    pairs = []
+    for pair in filter(None, text.split(",")):
+        threads, colon, workers = pair.strip().partition(":")
+        if not (colon and threads.isdigit() and workers.isdigit() and int(threads) >= 1):
+            raise ValueError(f"--sweep: {pair!r} is not THREADS:WORKERS with at least 1 thread and 0 or more "
+                             "workers, e.g. 2:1")
+        pairs.append((int(threads), int(workers)))
+    return pairs
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1024, help="JPEGs to generate and extract")
@@ -313,16 +329,39 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=None, help="keep the images and caches here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    check_options(parser, args)
+    return args
+
+
+def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit through ``parser.error`` on an invalid option, before anything is measured.
+
+    Also splits ``args.precisions`` into a list and adds ``args.sweep_pairs``.
+    """
     args.precisions = args.precisions.split(",")
     if "fp32" not in args.precisions:
         parser.error("--precisions must include fp32, the reference of every ratio")
+    unknown = [precision for precision in args.precisions if precision not in ("fp32", "bf16")]
+    if unknown:
+        parser.error(f"--precisions: {unknown[0]!r} is not fp32 or bf16")
     if args.distinct_photos < 1:
         parser.error(f"--distinct-photos must be at least 1, got {args.distinct_photos}")
+    # write_dataset puts the images in train, val and test in turn, and emo extract needs all three.
+    for option, value in (("--images", args.images), ("--rss-images", args.rss_images)):
+        if value < 3:
+            parser.error(f"{option} must be at least 3, one image each for train, val and test; got {value}")
     try:
         resolve_device(args.device)
     except ValueError as error:
         parser.error(f"--device: {error}")
-    return args
+    try:
+        args.sweep_pairs = parse_sweep(args.sweep)
+        # The options that reach emo extract, checked now instead of after the first measurements.
+        ExtractConfig(data=Path("."), out=Path("check.h5"), weights="random", arch=args.arch,
+                      image_size=args.image_size, batch_size=args.batch_size, workers=args.workers,
+                      threads=args.threads, device=args.device, dtype="float32")
+    except ValueError as error:
+        parser.error(str(error))
 
 
 def main() -> None:

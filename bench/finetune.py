@@ -171,14 +171,36 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the images and runs here")
     args = parser.parse_args()
-    args.variants = [variant for variant in args.variants.split(",") if variant and variant != "full"]
+    check_options(parser, args)
+    return args
+
+
+def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit through ``parser.error`` on an invalid option, before anything is measured.
+
+    Also turns ``args.variants`` into a list of the variants other than ``full``.
+    """
+    # full always runs, as the reference; a variant named twice runs once.
+    names = [variant.strip() for variant in args.variants.split(",")]
+    args.variants = list(dict.fromkeys(variant for variant in names if variant and variant != "full"))
     unknown = [variant for variant in args.variants if variant not in VARIANTS]
     if unknown:
         parser.error(f"--variants: {unknown[0]!r} is not one of {', '.join(VARIANTS)}")
-    if args.train_images < 2 * args.batch_size or args.epochs < 2:
-        parser.error("--train-images must be at least twice --batch-size and --epochs at least 2, so that a "
-                     "whole warmed-up epoch of several batches is measured")
-    return args
+    # A whole warmed-up epoch of several batches is measured.
+    if args.epochs < 2:
+        parser.error(f"--epochs must be at least 2, so that a warmed-up epoch is measured; got {args.epochs}")
+    if args.train_images < 2 * args.batch_size:
+        parser.error(f"--train-images must be at least twice --batch-size ({args.batch_size}), so that an epoch has "
+                     f"several batches; got {args.train_images}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    try:
+        # The options that reach emo finetune, checked now instead of after the plain loops.
+        FinetuneConfig(data=Path("."), variant="full", out=Path("."), arch=args.arch, weights="random",
+                       epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size,
+                       workers=args.workers if args.workers is not None else 0)
+    except ValueError as error:
+        parser.error(str(error))
 
 
 def main() -> None:

@@ -33,12 +33,16 @@ from threadpoolctl import threadpool_info
 
 from emo.cache import FeatureCache
 from emo.cache.synthetic import write_synthetic_cache
+from emo.data.split import MIN_PER_CLASS
+from emo.errors import DataError
 from emo.heads import FitHeadsConfig, fit_heads
+from emo.stages import validate_arch
 from emo.units import parse_bytes
 
 from machine import Timer, current_rss_mb, machine_lines, machine_record, markdown_table, peak_rss_mb, run_child
 
 CLASSES = ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"]
+BATCH_SIZE = 32  # fit-heads' default, which every run here uses
 
 
 def fit_child(task: dict) -> dict:
@@ -104,7 +108,7 @@ def report(args, record: dict, results: dict) -> list[str]:
     lines = [f"### `emo fit-heads`: synthetic cache of {args.rows} rows, {len(CLASSES)} classes, {args.arch} widths, "
              f"float16, separation {args.separation}", "", f"Command: `{command}`", ""]
     lines += machine_lines(record)
-    lines += [f"- fit-heads: {full['threads']} torch thread(s), batch 32, {args.epochs} branch epochs and "
+    lines += [f"- fit-heads: {full['threads']} torch thread(s), batch {BATCH_SIZE}, {args.epochs} branch epochs and "
               f"{args.stack_epochs} stacking epochs; scikit-learn {sk['threads']} BLAS thread(s). Times are from "
               "the cache file to a trained model in a fresh process; fit-heads also writes its run directory.", ""]
     lines += markdown_table(["ratio", "value"], [
@@ -149,7 +153,46 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stream-epochs", type=int, default=5, help="epochs of the streaming comparison")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the cache and runs here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    return parser.parse_args()
+    args = parser.parse_args()
+    check_options(parser, args)
+    return args
+
+
+def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit through ``parser.error`` on an invalid option, before anything is measured.
+
+    Also adds ``args.max_memory_bytes``, the parsed ``--max-memory``.
+    """
+    if args.epochs < 1 or args.stream_epochs < 1:
+        parser.error(f"--epochs and --stream-epochs must be at least 1, got {args.epochs} and {args.stream_epochs}")
+    if args.stack_epochs < 0:
+        parser.error(f"--stack-epochs must be 0 or more, got {args.stack_epochs}")
+    # The stratified 80/5/15 split needs MIN_PER_CLASS rows per class. Labels are drawn at random,
+    # so a --rows above this bound can still fail, which main() reports.
+    if args.rows < MIN_PER_CLASS * len(CLASSES):
+        parser.error(f"--rows must be at least {MIN_PER_CLASS * len(CLASSES)}, {MIN_PER_CLASS} per class for the "
+                     f"stratified split; got {args.rows}")
+    if not args.separation > 0:
+        parser.error(f"--separation must be above 0, got {args.separation}")
+    try:
+        validate_arch(args.arch)
+    except ValueError as error:
+        parser.error(f"--arch: {error}")
+    try:
+        args.max_memory_bytes = parse_bytes(args.max_memory)
+    except ValueError as error:
+        parser.error(f"--max-memory: {error}")
+
+
+def check_streaming_budget(max_memory: str, budget: int, train_rows: int, row_bytes: int) -> None:
+    """Exit with an error unless ``budget`` makes fit-heads stream the training rows in windows of a batch or more."""
+    needed = train_rows * row_bytes
+    if budget >= needed:
+        sys.exit(f"heads.py: error: --max-memory {max_memory} is not below the {needed} bytes of training features, "
+                 f"so nothing would be streamed; pass less, e.g. {needed // 2} (bytes)")
+    if budget < BATCH_SIZE * row_bytes:
+        sys.exit(f"heads.py: error: --max-memory {max_memory} is less than one batch of {BATCH_SIZE} training rows; "
+                 f"pass at least {BATCH_SIZE * row_bytes} (bytes)")
 
 
 def main() -> None:
@@ -159,11 +202,18 @@ def main() -> None:
         return
     record = machine_record()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="emo-bench-heads-"))
+    work.mkdir(parents=True, exist_ok=True)
     try:
-        cache = write_synthetic_cache(work / "fi-like.h5", rows=args.rows, classes=CLASSES, arch=args.arch,
-                                      dtype="float16", separation=args.separation, seed=0)
+        try:
+            cache = write_synthetic_cache(work / "fi-like.h5", rows=args.rows, classes=CLASSES, arch=args.arch,
+                                          dtype="float16", separation=args.separation, seed=0)
+        except DataError as error:  # a class got fewer than MIN_PER_CLASS rows
+            sys.exit(f"heads.py: error: --rows {args.rows} is too few: {error.args[0].split(';')[0]}; pass more, "
+                     "e.g. --rows 400")
         with FeatureCache(cache) as opened:
-            train_mb = len(opened.indices("train")) * sum(opened.stages.values()) * 4 / 1e6
+            train_rows, row_bytes = len(opened.indices("train")), sum(opened.stages.values()) * 4
+        check_streaming_budget(args.max_memory, args.max_memory_bytes, train_rows, row_bytes)
+        train_mb = train_rows * row_bytes / 1e6
         stages = ["L0", "L1", "L2", "L3", "L4"]
         results = {"train_mb": train_mb, "cache_mb": cache.stat().st_size / 1e6}
         results["full"] = run_child(__file__, fit_task(cache, work / "full", args, stages=stages, epochs=args.epochs))
@@ -176,7 +226,7 @@ def main() -> None:
                                                                 epochs=args.stream_epochs))
         results["streamed"] = run_child(__file__, fit_task(cache, work / "stream", args, stages=stages,
                                                            epochs=args.stream_epochs,
-                                                           max_memory=parse_bytes(args.max_memory)))
+                                                           max_memory=args.max_memory_bytes))
         print(json.dumps(results), file=sys.stderr)
         print("\n".join(report(args, record, results)))
     finally:

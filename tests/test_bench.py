@@ -58,8 +58,11 @@ def test_finetune_bench_tiny_run():
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--variants", "fc,bogus"], "--variants: 'bogus' is not one of"),
-    (["--train-images", "4", "--batch-size", "4"], "--train-images must be at least twice --batch-size"),
-    (["--epochs", "1"], "--epochs at least 2"),
+    (["--train-images", "4", "--batch-size", "4"], "--train-images must be at least twice --batch-size (4)"),
+    (["--epochs", "1"], "--epochs must be at least 2"),
+    (["--batch-size", "1"], "batch_size must be at least 2, got 1"),
+    (["--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--arch", "vgg16"], "unsupported architecture 'vgg16'"),
 ])
 def test_finetune_bench_rejects_bad_options(args, message):
     result = run_script("finetune.py", *args)
@@ -71,8 +74,39 @@ def test_finetune_bench_rejects_bad_options(args, message):
     (["--device", "tpu"], "--device: invalid device 'tpu'"),
     (["--distinct-photos", "0"], "--distinct-photos must be at least 1, got 0"),
     (["--precisions", "bf16"], "--precisions must include fp32"),
+    (["--precisions", "fp32,fp16"], "--precisions: 'fp16' is not fp32 or bf16"),
+    (["--images", "2"], "--images must be at least 3"),
+    (["--rss-images", "2"], "--rss-images must be at least 3"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--sweep", "2-1"], "--sweep: '2-1' is not THREADS:WORKERS"),
 ])
 def test_extract_bench_rejects_bad_options(args, message):
     result = run_script("extract.py", *args)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--max-memory", "abc"], "--max-memory: size 'abc' is not a number"),
+    (["--rows", "20"], "--rows must be at least 160"),
+    (["--separation", "-1"], "--separation must be above 0"),
+    (["--arch", "vgg16"], "--arch: unsupported architecture 'vgg16'"),
+    (["--rows", "400", "--arch", "resnet18", "--max-memory", "10GB"], "so nothing would be streamed"),
+])
+def test_heads_bench_rejects_bad_options(args, message):
+    result = run_script("heads.py", *args)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_extract_bench_dataset_rewritten_in_same_folder(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from extract import write_dataset
+    from photos import write_photos
+
+    photos = write_photos(tmp_path / "photos", 4)
+    write_dataset(tmp_path / "data", photos)
+    split_file = write_dataset(tmp_path / "data", photos[:3])
+    assert sorted(path.name for path in (tmp_path / "data" / "photo").iterdir()) == [p.name for p in photos[:3]]
+    assert len(split_file.read_text().splitlines()) == 4  # header and three rows
