@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -437,3 +439,24 @@ def test_split_with_one_training_image(ft_images_copy, tmp_path):
     split_file.write_text("\n".join(["path,label,split", *rows]) + "\n")
     with pytest.raises(DataError, match="at least two training images"):
         finetune(tiny_config(ft_images_copy, tmp_path / "run", "fc", split_file=split_file))
+
+
+# A script that calls finetune() at module level, without an if __name__ == "__main__": guard.
+UNGUARDED_SCRIPT = """
+import sys
+from pathlib import Path
+from emo.finetune import FinetuneConfig, finetune
+finetune(FinetuneConfig(data=Path(sys.argv[1]), variant="fc", out=Path(sys.argv[2]), arch="resnet18",
+                        weights="random", image_size=32, epochs=1, batch_size=8, device="cpu", workers=1))
+"""
+
+
+@pytest.mark.slow
+def test_unguarded_script_names_missing_guard(ft_images, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), str(ft_images), str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert f"called while a data loader worker imported {script}" in result.stderr
+    assert "call finetune() under 'if __name__ == \"__main__\":'" in result.stderr

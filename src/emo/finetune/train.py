@@ -6,6 +6,8 @@ model and the run directory, and writes the results. Under ``torchrun`` (see
 """
 
 import logging
+import multiprocessing
+import sys
 import time
 from pathlib import Path
 
@@ -47,10 +49,13 @@ def finetune(config: FinetuneConfig) -> dict:
     Raises:
         TrainingError: if the loss or the val loss becomes NaN or infinite; the checkpoint of
             the last good epoch stays in place.
+        RuntimeError: in a loader worker that reached this call by importing a main script
+            that lacks an ``if __name__ == "__main__":`` guard.
 
     Example:
         >>> finetune(FinetuneConfig(data=Path("emotion6"), variant="l4", out=Path("runs/l4")))  # doctest: +SKIP
     """
+    _check_not_in_worker_bootstrap()
     started = time.perf_counter()
     distributed = Distributed.from_environment()
     if config.batch_size < 2 * distributed.world_size:
@@ -75,6 +80,23 @@ def finetune(config: FinetuneConfig) -> dict:
     if metrics:
         metrics["seconds"] = time.perf_counter() - started
     return metrics
+
+
+def _check_not_in_worker_bootstrap() -> None:
+    """Raise RuntimeError if a starting loader worker reached this call by importing the main script.
+
+    Workers from a forkserver import the main script again, as spawned ones do. A script that
+    calls finetune() without an ``if __name__ == "__main__":`` guard would otherwise run a second
+    training in every worker, up to scanning the data and preparing the run folder, before
+    multiprocessing stops it with a message that the parent's traceback buries.
+    ``_inheriting`` is the flag that CPython's multiprocessing.spawn sets for that import.
+    """
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # runpy runs the script as __mp_main__ for this import.
+        script = getattr(sys.modules.get("__mp_main__"), "__file__", None) or "the main script"
+        raise RuntimeError(f"emo.finetune.finetune() was called while a data loader worker imported {script}. "
+                           "Loader workers import the main script again, so call finetune() under "
+                           "'if __name__ == \"__main__\":' in that script.")
 
 
 def _check_out_folder(run_dir: Path, *, overwrite: bool) -> None:
