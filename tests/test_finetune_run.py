@@ -292,6 +292,21 @@ def test_interrupted_run_needs_resume_or_overwrite(ft_interrupted_run, ft_images
     assert len(read_history(run_dir)) == 2
 
 
+def test_interrupt_says_resume_continues(ft_images, tmp_path, monkeypatch, caplog):
+    real_save = loop_module.save_checkpoint
+
+    def save_then_interrupt(run_dir, **kwargs):
+        real_save(run_dir, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_interrupt)
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_config(ft_images, run_dir, "fc", epochs=2))
+    assert f"checkpoint of the last finished epoch is kept in {run_dir}" in caplog.text
+    assert "rerun the same command with --resume" in caplog.text
+
+
 def test_resume_rejects_other_options(ft_interrupted_run, ft_images, tmp_path):
     run_dir = copy_run(ft_interrupted_run, tmp_path / "run")
     with pytest.raises(RunError, match="with other options"):

@@ -74,7 +74,13 @@ def finetune(config: FinetuneConfig) -> dict:
     if distributed.is_main:
         _log_start(session, steps, len(session.train.dataset))
 
-    progress = train_steps(session, steps, progress, checkpoint)
+    try:
+        progress = train_steps(session, steps, progress, checkpoint)
+    except KeyboardInterrupt:
+        if distributed.is_main and (session.run_dir / CHECKPOINT_FILE).exists():
+            logger.warning("interrupted; the checkpoint of the last finished epoch is kept in %s, so rerun the "
+                           "same command with --resume to continue", session.run_dir)
+        raise
     metrics = _test_and_finish(session, steps, progress, dataset, split, settings) if distributed.is_main else {}
     distributed.stop()
     if metrics:
