@@ -82,6 +82,13 @@ def test_single_stage_has_no_stacked_model(separable_cache, tmp_path):
     assert metrics["primary"] == "L4"
 
 
+def test_stacking_of_one_head_warns(separable_cache, tmp_path, caplog):
+    config = FitHeadsConfig(cache=separable_cache, out=tmp_path / "run", epochs=1, fusion="concat", stacking="logreg")
+    metrics = fit_heads(config)
+    assert list(metrics["models"]) == ["concat"]
+    assert "--stacking logreg has no effect: the run trains one head (concat)" in caplog.text
+
+
 def test_finished_run_needs_overwrite(head_run, tiny_cache):
     with pytest.raises(RunError, match="already contains a finished run; pass --overwrite"):
         fit_heads(FitHeadsConfig(cache=tiny_cache, out=head_run, epochs=1))

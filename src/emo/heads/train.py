@@ -119,6 +119,10 @@ def _fit_heads(config: FitHeadsConfig) -> dict:
     model = StackedHeads(channels, len(classes), dropout=config.dropout, fusion=config.fusion,
                          stacking=config.stacking)
     _set_standardization(model, train, config.cache)
+    if len(model.branches) == 1 and config.stacking != "weighted":
+        logger.warning("--stacking %s has no effect: the run trains one head (%s), so there is nothing to stack; "
+                       "pass several --stages with --fusion branches to stack them", config.stacking,
+                       model.stages[0])
     train.standardize(*model.standardization())
 
     with train:
