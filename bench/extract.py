@@ -35,7 +35,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import h5py
@@ -54,7 +53,8 @@ from emo.extract.forward import cudnn_autotuning, inference_backbone, pooled_sta
 from emo.extract.loading import default_workers
 from emo.stages import STAGE_NAMES, stage_infos
 
-from machine import Timer, machine_lines, machine_record, markdown_table, peak_rss_mb, run_child
+from machine import (Timer, add_model_options, machine_lines, machine_record, markdown_table, peak_rss_mb,
+                     print_results, run_child, work_folder)
 from photos import PHOTO_SIZE, write_photos
 
 POOL_BATCHES = 2  # distinct batches of the ceiling's in-memory images, reused round robin
@@ -314,11 +314,7 @@ def parse_sweep(text: str) -> list[tuple[int, int]]:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1024, help="JPEGs to generate and extract")
-    parser.add_argument("--arch", default="resnet101")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=None, help="loader workers of emo (default: emo's)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    add_model_options(parser)
     parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated; fp32 must be one")
     parser.add_argument("--rss-images", type=int, default=128, help="N0 of the peak-memory check")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain baseline")
@@ -373,8 +369,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     record = machine_record()
     device = resolve_device(args.device)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="emo-bench-extract-"))
-    try:
+    with work_folder(args.workdir, prefix="emo-bench-extract-") as work:
         photos = repeated_photos(work / "photos", max(args.images, 2 * args.rss_images), args.distinct_photos)
         data = work / "data"
         split_file = write_dataset(data, photos[:args.images])
@@ -397,11 +392,7 @@ def main() -> None:
         results["rss"] = rss_check(work, photos, args, args.precisions[-1])
         if args.sweep:
             results["sweep"] = sweep(data, split_file, work, args)
-        print(json.dumps(results), file=sys.stderr)
-        print("\n".join(report(args, record, results)))
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
+        print_results(results, report(args, record, results))
 
 
 if __name__ == "__main__":

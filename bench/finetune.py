@@ -3,14 +3,14 @@
 Generates photo-sized JPEGs (500x375) in two classes and measures training images per second of:
 
 1. a plain loop as a researcher would write it: torchvision's ResNet with a new linear
-   classifier, every parameter trained by SGD with Nesterov momentum (the same two learning
-   rates and weight decay as emo), on batches decoded and transformed once and held in memory,
-   in the default memory format; and the same loop in channels-last, emo's format, which shows
-   what emo's loop itself costs;
+   classifier, every parameter trained by SGD with Nesterov momentum at emo's two learning
+   rates and weight decay. Its batches are decoded and transformed once and held in memory, in
+   the default memory format. The same loop also runs in channels-last, emo's format, which
+   shows what emo's loop itself costs;
 2. ``emo finetune --variant full`` on the JPEG files (loader workers decoding and cropping,
    weighted sampling, forward, backward, optimizer step). The figure is the training pass of
    the last epoch (``train_seconds`` in history.jsonl), because the first steps pay for
-   oneDNN's set-up; the plain loop runs as many epochs and is timed on its last one too;
+   oneDNN's set-up. The plain loop runs as many epochs and is timed on its last one too;
 3. ``emo finetune`` of each other variant asked for (default ``fc``), whose step time is
    compared with the ``full`` step: a frozen backbone must not cost a backward pass.
 
@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -40,7 +39,8 @@ from emo.data.transforms import train_transform
 from emo.finetune import FinetuneConfig, finetune
 from emo.finetune.config import VARIANTS
 
-from machine import Timer, machine_lines, machine_record, markdown_table
+from machine import (Timer, add_model_options, machine_lines, machine_record, markdown_table, print_results,
+                     work_folder)
 from photos import PHOTO_SIZE, write_photos
 
 CLASSES = ("a", "b")
@@ -59,7 +59,12 @@ def write_dataset(root: Path, photos: list[Path], train_images: int) -> Path:
         (root / label).mkdir(parents=True, exist_ok=True)
         os.link(photo, root / label / photo.name)
         held_out = index - train_images
-        split = "train" if held_out < 0 else ("val" if held_out < len(CLASSES) * HELD_OUT_PER_CLASS else "test")
+        if held_out < 0:
+            split = "train"
+        elif held_out < len(CLASSES) * HELD_OUT_PER_CLASS:
+            split = "val"
+        else:
+            split = "test"
         rows.append([f"{label}/{photo.name}", split])
     split_file = root.with_name(root.name + ".split.csv")
     with open(split_file, "w", newline="") as file:
@@ -162,13 +167,9 @@ def report(args, record: dict, results: dict) -> list[str]:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-images", type=int, default=192, help="training JPEGs to generate")
-    parser.add_argument("--arch", default="resnet101")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=32)
+    add_model_options(parser)
     parser.add_argument("--epochs", type=int, default=2, help="epochs of each run; the last one is measured")
     parser.add_argument("--variants", default="fc", help="comma-separated variants to compare with full")
-    parser.add_argument("--workers", type=int, default=None, help="loader workers of emo (default: emo's)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the images and runs here")
     args = parser.parse_args()
     check_options(parser, args)
@@ -208,8 +209,7 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     record = machine_record()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="emo-bench-finetune-"))
-    try:
+    with work_folder(args.workdir, prefix="emo-bench-finetune-") as work:
         held_out = 2 * len(CLASSES) * HELD_OUT_PER_CLASS
         photos = write_photos(work / "photos", args.train_images + held_out)
         data = work / "data"
@@ -225,11 +225,7 @@ def main() -> None:
         for variant in ["full", *args.variants]:
             results["emo"][variant] = emo_rate(data, split_file, work / f"run-{variant}", variant, args)
             print(f"emo {variant}: {results['emo'][variant]['images_per_s']:.2f} images/s", file=sys.stderr)
-        print(json.dumps(results), file=sys.stderr)
-        print("\n".join(report(args, record, results)))
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
+        print_results(results, report(args, record, results))
 
 
 if __name__ == "__main__":

@@ -20,9 +20,7 @@ Usage:
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -39,7 +37,8 @@ from emo.heads import FitHeadsConfig, fit_heads
 from emo.stages import validate_arch
 from emo.units import parse_bytes
 
-from machine import Timer, current_rss_mb, machine_lines, machine_record, markdown_table, peak_rss_mb, run_child
+from machine import (Timer, current_rss_mb, machine_lines, machine_record, markdown_table, peak_rss_mb,
+                     print_results, run_child, work_folder)
 
 CLASSES = ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"]
 BATCH_SIZE = 32  # fit-heads' default, which every run here uses
@@ -201,9 +200,7 @@ def main() -> None:
         child(json.loads(args.child))
         return
     record = machine_record()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="emo-bench-heads-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_folder(args.workdir, prefix="emo-bench-heads-") as work:
         try:
             cache = write_synthetic_cache(work / "fi-like.h5", rows=args.rows, classes=CLASSES, arch=args.arch,
                                           dtype="float16", separation=args.separation, seed=0)
@@ -227,11 +224,7 @@ def main() -> None:
         results["streamed"] = run_child(__file__, fit_task(cache, work / "stream", args, stages=stages,
                                                            epochs=args.stream_epochs,
                                                            max_memory=args.max_memory_bytes))
-        print(json.dumps(results), file=sys.stderr)
-        print("\n".join(report(args, record, results)))
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
+        print_results(results, report(args, record, results))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,19 @@
 """Helpers shared by the benchmark scripts: the machine record, child processes and Markdown tables."""
 
+import argparse
+import contextlib
 import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
@@ -104,3 +110,32 @@ def markdown_table(header: list[str], rows: list[list]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return lines
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options that the image benchmarks share: architecture, crop size, batch, workers, threads."""
+    parser.add_argument("--arch", default="resnet101")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=None, help="loader workers of emo (default: emo's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+
+
+@contextlib.contextmanager
+def work_folder(workdir: Path | None, *, prefix: str) -> Iterator[Path]:
+    """Yield ``workdir``, created if missing, or else a temporary folder that is removed afterwards."""
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        yield workdir
+        return
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def print_results(results: dict, lines: list[str]) -> None:
+    """Print the raw results as JSON to stderr and the Markdown block to stdout."""
+    print(json.dumps(results), file=sys.stderr)
+    print("\n".join(lines))
