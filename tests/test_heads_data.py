@@ -102,7 +102,9 @@ def test_standardized_batches_equal_standardizing_each_batch(cache):
             expected = (features[name] - mean[start:start + width]) / std[start:start + width]
             assert torch.equal(standardized[name], expected)
             assert torch.equal(streamed_features[name], expected)
-    assert in_memory.standardized and streamed.standardized and not raw.standardized
+    assert in_memory.standardized
+    assert streamed.standardized
+    assert not raw.standardized
 
 
 def test_statistics_of_standardized_rows_are_refused(cache):

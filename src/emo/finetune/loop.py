@@ -123,9 +123,9 @@ def _run_epoch(session: Session, trained: torch.nn.Module, step: TrainingStep, e
 
     if progress.best.improves_on(scores["val_accuracy"], scores["val_loss"]):
         progress.best = Best(scores["val_accuracy"], scores["val_loss"], epoch, state_copy(session.model))
-    # train_seconds covers the training pass alone (loading, forward, backward, optimizer step) of
-    # all ranks together, which draw len(dataset) images per epoch between them; seconds also
-    # covers scoring val and writing the checkpoint.
+    # train_seconds covers the training pass alone: loading, forward, backward and optimizer step.
+    # The ranks draw len(dataset) images per epoch between them. seconds also covers scoring val
+    # and writing the checkpoint.
     record = {"step": step.name, "epoch": epoch, "loss": loss, **scores, "best_epoch": progress.best.epoch,
               "train_seconds": train_seconds,
               "train_images_per_second": len(session.train.dataset) / train_seconds,
